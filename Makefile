@@ -1,0 +1,64 @@
+# `make run` and `make test` work on a fresh Debian machine with Python 3.11 as root:
+# they create the virtual environment, install what is missing and start/test everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+APT_UPDATED := /tmp/.ingest-apt-updated
+
+.PHONY: run test unit integration bench venv venv-dev nginx chromium js clean
+
+# ---- environments -------------------------------------------------------------------
+$(VENV)/.runtime: requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps -e .
+	touch $(VENV)/.runtime $@
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+# System packages come from Debian's archive, installed only when missing.
+$(APT_UPDATED):
+	apt-get update -qq
+	touch $@
+
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+	  $(MAKE) -s $(APT_UPDATED) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+	  $(MAKE) -s $(APT_UPDATED) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The official npm SDKs and playwright-core, at the versions in tests/js/package-lock.json.
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+js: tests/js/node_modules/.installed
+
+# ---- commands -----------------------------------------------------------------------
+run: venv nginx
+	mkdir -p var/log var/queue var/spool
+	INGEST_WORKERS=$${INGEST_WORKERS:-$$(nproc)} INGEST_PORT=$${INGEST_PORT:-8080} \
+	  exec $(VENV)/bin/supervisord -n -c supervisord.conf
+
+test: venv-dev nginx chromium js
+	$(PY) -m pytest -q tests/unit tests/integration
+
+unit: venv-dev
+	$(PY) -m pytest -q tests/unit
+
+integration: venv-dev nginx chromium js
+	$(PY) -m pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) tests/js/node_modules var bench/out
