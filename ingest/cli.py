@@ -59,18 +59,25 @@ def kestrel_servers(text):
     return servers
 
 
+def _import_eventlet():
+    """Import and monkey-patch eventlet; its deprecation banner is noise for operators."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+        import eventlet
+    eventlet.monkey_patch()
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         from ingest import config
         settings = config.from_args(args)
-        import eventlet
-        eventlet.monkey_patch()
+        _import_eventlet()
         from ingest import server
         return server.serve(settings)
     if args.command == "queue":
-        import eventlet
-        eventlet.monkey_patch()
+        _import_eventlet()
         from ingest.kestrel import server
         return server.main(args)
     if args.command == "consume":

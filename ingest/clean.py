@@ -1,0 +1,154 @@
+"""Raw record -> clean record (mutated in place) and its token, or RecordRejected.
+
+Pure: takes values, returns values or raises; no I/O, no eventlet.  The rules are the
+record contract in shared/docs/DESIGN.md and the cleaning rules of the endpoints issue.
+A record is rejected with a stable `reason` (the metric label) and the `field` it is
+about; the verbose answer reads "record 3: properties.token is missing".
+"""
+from ingest.errors import RecordRejected
+
+MS_THRESHOLD = 1e11              # a time above this is in milliseconds (1e11 s is year 5138)
+MAX_AGE_S = 5 * 24 * 3600        # /track refuses events older than this (/import's job)
+MAX_FUTURE_S = 3600              # later than this is clamped (track) or refused (import)
+IMPORT_MIN_TIME_S = 31536000     # 1971-01-01: /import refuses anything earlier
+
+ENGAGE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
+GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
+# The type each operation's value must have ($delete's value is ignored).
+_OP_TYPES = {"$set": dict, "$set_once": dict, "$add": dict, "$append": dict, "$union": dict,
+             "$remove": dict, "$unset": list}
+
+
+class Context:
+    """What cleaning needs from the request: arrival time, client IP, limits."""
+
+    __slots__ = ("now", "now_ms", "ip", "max_properties")
+
+    def __init__(self, now, ip=None, max_properties=255):
+        self.now = now
+        self.now_ms = int(now * 1000)
+        self.ip = ip                      # set only when the request asked for ip=1
+        self.max_properties = max_properties
+
+
+def _nonempty_str(value):
+    return isinstance(value, str) and value != ""
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _event_time(props, ctx, importing):
+    """Normalise properties.time to seconds; fill it (track) or require it (import)."""
+    t = props.get("time")
+    if t is None:
+        if importing:
+            raise RecordRejected("missing_time", "properties.time", "properties.time is missing")
+        props["time"] = round(ctx.now, 3)
+        return
+    if not _number(t):
+        raise RecordRejected("invalid_time", "properties.time", "properties.time must be a number")
+    if t > MS_THRESHOLD:
+        t = t / 1000.0
+        props["time"] = t
+    if importing:
+        if t < IMPORT_MIN_TIME_S:
+            raise RecordRejected("time_too_old", "properties.time",
+                                 "properties.time is before 1971")
+        if t > ctx.now + MAX_FUTURE_S:
+            raise RecordRejected("time_in_future", "properties.time",
+                                 "properties.time is more than an hour in the future")
+    else:
+        if t < ctx.now - MAX_AGE_S:
+            raise RecordRejected("time_too_old", "properties.time",
+                                 "properties.time is more than 5 days old (use /import)")
+        if t > ctx.now + MAX_FUTURE_S:
+            props["time"] = round(ctx.now, 3)
+
+
+def clean_event(record, ctx, importing=False):
+    """/track (and /import with importing=True): returns the record's token."""
+    if not isinstance(record, dict):
+        raise RecordRejected("not_an_object", "record", "record is not a JSON object")
+    event = record.get("event")
+    if not _nonempty_str(event):
+        raise RecordRejected("invalid_event", "event",
+                             "event is missing" if event is None else "event must be a non-empty string")
+    props = record.get("properties")
+    if not isinstance(props, dict):
+        raise RecordRejected("invalid_properties", "properties",
+                             "properties is missing" if props is None else "properties must be an object")
+    token = props.get("token")
+    if not _nonempty_str(token):
+        raise RecordRejected("missing_token", "properties.token",
+                             "properties.token is missing" if token is None
+                             else "properties.token must be a non-empty string")
+    if len(props) > ctx.max_properties:
+        raise RecordRejected("too_many_properties", "properties",
+                             "properties has more than %d keys" % ctx.max_properties)
+    if importing:
+        if props.get("distinct_id") in (None, ""):
+            raise RecordRejected("missing_distinct_id", "properties.distinct_id",
+                                 "properties.distinct_id is missing")
+        if not _nonempty_str(props.get("$insert_id")):
+            raise RecordRejected("missing_insert_id", "properties.$insert_id",
+                                 "properties.$insert_id is missing")
+    _event_time(props, ctx, importing)
+    props["mp_processing_time_ms"] = ctx.now_ms
+    if ctx.ip is not None and "ip" not in props:
+        props["ip"] = ctx.ip
+    return token
+
+
+def _clean_update(record, ctx, ids, ops):
+    """/engage and /groups share a shape: $token, identity keys, exactly one operation."""
+    if not isinstance(record, dict):
+        raise RecordRejected("not_an_object", "record", "record is not a JSON object")
+    token = record.get("$token")
+    if not _nonempty_str(token):
+        raise RecordRejected("missing_token", "$token",
+                             "$token is missing" if token is None else "$token must be a non-empty string")
+    for key in ids:
+        value = record.get(key)
+        if not (_nonempty_str(value) or _number(value)):
+            raise RecordRejected("missing_" + key[1:], key, "%s is missing" % key)
+    present = [op for op in ops if op in record]
+    if len(present) != 1:
+        raise RecordRejected("invalid_operation", "operation",
+                             "expected exactly one of %s, got %s"
+                             % (" ".join(ops), " ".join(present) or "none"))
+    op = present[0]
+    wanted = _OP_TYPES.get(op)
+    if wanted is not None:
+        value = record[op]
+        if not isinstance(value, wanted):
+            raise RecordRejected("invalid_operation", op, "%s must be %s"
+                                 % (op, "an object" if wanted is dict else "an array"))
+        if len(value) > ctx.max_properties:
+            raise RecordRejected("too_many_properties", op,
+                                 "%s has more than %d keys" % (op, ctx.max_properties))
+    if ctx.ip is not None and "$ip" not in record:
+        record["$ip"] = ctx.ip
+    return token
+
+
+def clean_engage(record, ctx):
+    return _clean_update(record, ctx, ("$distinct_id",), ENGAGE_OPS)
+
+
+def clean_group(record, ctx):
+    return _clean_update(record, ctx, ("$group_key", "$group_id"), GROUP_OPS)
+
+
+def cleaner(endpoint):
+    """The clean function for an endpoint name (track, engage, groups, import)."""
+    if endpoint == "track":
+        return clean_event
+    if endpoint == "import":
+        return lambda record, ctx: clean_event(record, ctx, importing=True)
+    if endpoint == "engage":
+        return clean_engage
+    if endpoint == "groups":
+        return clean_group
+    raise KeyError(endpoint)

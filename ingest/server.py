@@ -1,0 +1,130 @@
+"""eventlet raw-WSGI bootstrap for one worker: socket options, signals, graceful drain.
+
+One of the two modules that touch eventlet (the other is the bundled queue server);
+monkey patching has already happened in cli.py.  Signal handlers only set flags; the
+main green thread acts on them: SIGHUP reloads the routing table off the request path
+(in a native thread via tpool), SIGTERM/SIGINT drain: /ready turns 503, the listening
+socket closes, in-flight requests get up to `drain_s` to finish, then the process exits 0.
+"""
+import logging
+import signal
+import sys
+import time
+
+import eventlet
+import eventlet.tpool
+import eventlet.wsgi
+
+from ingest.app import AppState, make_app
+from ingest.kestrel.client import Client
+from ingest.routing import Router
+from ingest.sink import BatchingSink, KestrelSink
+from ingest.spool import Forwarder, Spool, SpoolingSink
+
+log = logging.getLogger("ingest.server")
+# How often the supervising green thread looks at the signal flags.
+_TICK_S = 0.05
+
+
+class Flags:
+    def __init__(self):
+        self.stop = False
+        self.reload = False
+
+
+def configure_logging():
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+
+
+def build_sink(settings):
+    """Kestrel, wrapped by the spool when one is configured; returns (sink, forwarder)."""
+    client = Client(list(settings.kestrel),
+                    connect_timeout_ms=settings.kestrel_connect_timeout_ms,
+                    timeout_ms=settings.kestrel_timeout_ms,
+                    retry_ms=settings.kestrel_retry_ms,
+                    pool_size=settings.kestrel_pool_size)
+    kestrel = KestrelSink(client)
+    batched = BatchingSink(kestrel, writers=settings.kestrel_writers)
+    if not settings.spool:
+        return batched, None
+    spool = Spool(settings.spool, sync_ms=settings.spool_sync_ms,
+                  max_bytes=settings.spool_max_mb * 1024 * 1024,
+                  run_blocking=eventlet.tpool.execute)
+    forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0)
+    if spool.segments():
+        log.info("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
+                 spool.size_bytes())
+    return SpoolingSink(batched, spool), forwarder
+
+
+def listen(settings):
+    sock = eventlet.listen((settings.host, settings.port), backlog=2048,
+                           reuse_port=settings.reuse_port)
+    return sock
+
+
+def serve(settings):
+    configure_logging()
+    log.info("settings: %s", settings.describe())
+    # eventlet reads its header-line limit from a module global; the bootstrap owns it.
+    eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
+    router = Router(settings.routes, log=log)
+    sink, forwarder = build_sink(settings)
+    state = AppState()
+    app = make_app(settings, sink, clock=time.time, router=router, state=state)
+    sock = listen(settings)
+    flags = Flags()
+
+    def on_stop(signum, _frame):
+        flags.stop = True
+
+    def on_hup(signum, _frame):
+        flags.reload = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    server = eventlet.spawn(
+        eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
+        log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
+        url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,
+        socket_timeout=settings.read_timeout_s or None)
+    if forwarder is not None:
+        eventlet.spawn(forwarder.run)
+    log.info("listening on http://%s:%d", settings.host, settings.port)
+
+    while not flags.stop and not server.dead:
+        if flags.reload:
+            flags.reload = False
+            eventlet.spawn(eventlet.tpool.execute, router.reload)
+        eventlet.sleep(_TICK_S)
+    code = drain(settings, state, server, sock)
+    if forwarder is not None:
+        forwarder.stopping = True
+        forwarder.spool.close()
+        log.info("spool closed (%d records forwarded this run)", forwarder.forwarded)
+    eventlet.tpool.killall()
+    return code
+
+
+def drain(settings, state, server, sock):
+    """Stop accepting, let in-flight requests finish within the budget, exit 0."""
+    state.draining = True
+    log.info("draining: %d requests in flight, budget %.1fs", state.in_flight, settings.drain_s)
+    if not server.dead:
+        server.kill(SystemExit)       # ends the accept loop; idle connections are shut
+    try:
+        sock.close()
+    except OSError:
+        pass
+    deadline = time.monotonic() + settings.drain_s
+    while state.in_flight and time.monotonic() < deadline:
+        eventlet.sleep(_TICK_S)
+    if state.in_flight:
+        log.warning("drain budget spent with %d requests unanswered (not acknowledged)",
+                    state.in_flight)
+    else:
+        log.info("drained; exiting")
+    return 0

@@ -1,0 +1,353 @@
+"""The local disk spool: where records go when no Kestrel server takes them.
+
+Acknowledgement rule (shared/docs/DESIGN.md): a request is answered as accepted only once
+every record is STORED by Kestrel or appended here under the fsync policy.  So:
+
+- `Spool.append(pairs)` writes one framed record per (queue, payload) to the active
+  segment with os.write (a process crash after it returns loses nothing), then fsyncs
+  per `sync_ms` (0 = before returning, group-committed: concurrent appenders share one
+  fsync).  Frames carry length and CRC-32, so a torn tail from a crash is detected and
+  dropped at replay; nothing before it is lost.
+- `Forwarder` sends spooled records to Kestrel oldest first and deletes a segment only
+  after every record in it was STORED.  Its progress inside a segment is kept in a small
+  `.pos` file (not fsynced: losing it only means re-sending, i.e. duplicates, never loss).
+  Delivery is at-least-once.
+- One process owns a spool directory at a time (an flock on DIR/lock).
+
+This module uses `threading` primitives only; under eventlet's monkey patching they are
+green.  The blocking fsync is run through `run_blocking` (the server passes
+eventlet.tpool.execute) so other green threads keep serving meanwhile.
+"""
+import fcntl
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+
+from ingest.sink import SinkUnavailable
+
+log = logging.getLogger("ingest.spool")
+
+# Frame: payload length, crc32(queue + payload), queue length; then queue, payload.
+HEADER = struct.Struct("<IIH")
+MAX_FRAME_PAYLOAD = 64 * 1024 * 1024
+SEGMENT_RE = re.compile(r"^spool-(\d{16})\.seg$")
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+def encode_frame(queue, payload):
+    q = queue.encode("utf-8")
+    crc = zlib.crc32(payload, zlib.crc32(q))
+    return HEADER.pack(len(payload), crc, len(q)) + q + payload
+
+
+def read_frames(data, start=0):
+    """Yield (end_offset, queue, payload) for every intact frame from `start`; stop at the
+    first torn or corrupt one (the caller compares the last end offset with len(data))."""
+    pos, n, size = start, len(data), HEADER.size
+    while pos + size <= n:
+        length, crc, qlen = HEADER.unpack_from(data, pos)
+        end = pos + size + qlen + length
+        if length > MAX_FRAME_PAYLOAD or end > n:
+            return
+        q = data[pos + size:pos + size + qlen]
+        payload = data[pos + size + qlen:end]
+        if zlib.crc32(payload, zlib.crc32(q)) != crc:
+            return
+        yield end, bytes(q).decode("utf-8", "replace"), bytes(payload)
+        pos = end
+
+
+class SpoolFull(SinkUnavailable):
+    pass
+
+
+class Spool:
+    def __init__(self, directory, sync_ms=0, max_bytes=1 << 30, segment_bytes=DEFAULT_SEGMENT_BYTES,
+                 run_blocking=None, clock=time.monotonic):
+        self.dir = directory
+        self.sync_ms = sync_ms
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.run_blocking = run_blocking or (lambda f, *a: f(*a))
+        self.clock = clock
+        os.makedirs(directory, exist_ok=True)
+        self._lock_fd = _lock_directory(directory)
+        self._write_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self.has_data = threading.Event()
+        self._closed = False
+        self._fd = None
+        self._active_seq = None
+        self._active_size = 0
+        self._written = 0          # bytes appended to the active segment
+        self._synced = 0           # of which fsynced
+        self._dirty_since = None
+        existing = self.segments()
+        self.closed_bytes = sum(os.path.getsize(self.path(s)) for s in existing)
+        self._next_seq = (existing[-1] + 1) if existing else 1
+        if existing:
+            self.has_data.set()
+        self.appended_records = 0
+
+    # -- layout --
+
+    def path(self, seq):
+        return os.path.join(self.dir, "spool-%016d.seg" % seq)
+
+    def segments(self):
+        """Sequence numbers of the segment files on disk, oldest first."""
+        out = []
+        for name in os.listdir(self.dir):
+            m = SEGMENT_RE.match(name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def size_bytes(self):
+        return self.closed_bytes + self._active_size
+
+    # -- writing --
+
+    def append(self, pairs):
+        """Durably append every (queue, payload); raises SpoolFull past the size cap."""
+        buf = b"".join([encode_frame(q, p) for q, p in pairs])
+        with self._write_lock:
+            if self._closed:
+                raise SinkUnavailable("spool is closed")
+            if self.size_bytes() + len(buf) > self.max_bytes:
+                raise SpoolFull("spool is full (%d bytes)" % self.size_bytes(), retry_after_s=5)
+            if self._fd is None or self._active_size >= self.segment_bytes:
+                self._rotate_locked()
+            _write_all(self._fd, buf)
+            self._active_size += len(buf)
+            self._written += len(buf)
+            target = self._written
+            fd = self._fd
+            self.appended_records += len(pairs)
+        self.has_data.set()
+        if self.sync_ms == 0:
+            self._sync_to(fd, target)
+        elif self._dirty_since is None:
+            self._dirty_since = self.clock()
+
+    def _sync_to(self, fd, target):
+        """Group commit: whoever holds the lock fsyncs everything written so far; the
+        others find their bytes already synced when they get the lock."""
+        with self._sync_lock:
+            if fd is not self._fd or self._synced >= target:
+                return
+            upto = self._written
+            self.run_blocking(os.fsync, fd)
+            self._synced = max(self._synced, upto)
+
+    def sync_if_due(self):
+        """Periodic fsync for sync_ms > 0 (called by the forwarder's loop)."""
+        if self._dirty_since is not None and self.clock() - self._dirty_since >= self.sync_ms / 1000.0:
+            self._dirty_since = None
+            fd = self._fd
+            if fd is not None:
+                self._sync_to(fd, self._written)
+
+    def _rotate_locked(self):
+        """Close the active segment (fsynced) and open a fresh one."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self.closed_bytes += self._active_size
+        seq = self._next_seq
+        self._next_seq += 1
+        self._fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        _fsync_dir(self.dir)
+        self._active_seq = seq
+        self._active_size = 0
+        self._written = self._synced = 0
+
+    def seal_active(self):
+        """Make the active segment forwardable (called when only it holds data)."""
+        with self._write_lock:
+            if self._fd is not None and self._active_size:
+                self._rotate_locked()
+
+    def closed_segments(self):
+        return [s for s in self.segments() if s != self._active_seq]
+
+    def forgot(self, seq, size):
+        """A closed segment was fully forwarded and deleted."""
+        self.closed_bytes = max(0, self.closed_bytes - size)
+
+    def close(self):
+        with self._write_lock:
+            self._closed = True
+            if self._fd is not None:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self.closed_bytes += self._active_size
+                self._fd = None
+                self._active_size = 0
+        os.close(self._lock_fd)
+
+
+class Forwarder:
+    """Moves spooled records to Kestrel, oldest first; deletes what was STORED."""
+
+    def __init__(self, spool, put_many, batch_records=1000, retry_s=1.0):
+        self.spool = spool
+        self.put_many = put_many
+        self.batch_records = batch_records
+        self.retry_s = retry_s
+        self.forwarded = 0
+        self.stopping = False
+
+    def pending(self):
+        return bool(self.spool.closed_segments()) or self.spool._active_size > 0
+
+    def forward_once(self):
+        """Forward everything spooled so far.  Returns True when the spool is empty,
+        False when Kestrel refused (try again later)."""
+        if not self.spool.closed_segments():
+            self.spool.seal_active()
+        for seq in self.spool.closed_segments():
+            if not self._forward_segment(seq):
+                return False
+        return True
+
+    def _forward_segment(self, seq):
+        path = self.spool.path(seq)
+        pos_path = path + ".pos"
+        with open(path, "rb") as fh:
+            data = fh.read()
+        start = _read_pos(pos_path)
+        batch, end = [], start
+        for end_offset, queue, payload in read_frames(data, start):
+            batch.append((queue, payload))
+            if len(batch) >= self.batch_records:
+                if not self._send(batch):
+                    return False
+                _write_pos(pos_path, end_offset)
+                batch = []
+            end = end_offset
+        if batch and not self._send(batch):
+            return False
+        if end != len(data):
+            log.warning("%s: dropped a torn or corrupt tail at byte %d of %d (written during a crash;"
+                        " never acknowledged)", path, end, len(data))
+        os.unlink(path)
+        if os.path.exists(pos_path):
+            os.unlink(pos_path)
+        self.spool.forgot(seq, len(data))
+        return True
+
+    def _send(self, batch):
+        try:
+            self.put_many(batch)
+        except SinkUnavailable:
+            return False
+        except Exception as exc:  # a client error must not kill the forwarder
+            log.warning("forwarding failed: %s", exc)
+            return False
+        self.forwarded += len(batch)
+        return True
+
+    def run(self, tick_s=0.05):
+        """The background loop: forward when there is data, retry after retry_s."""
+        while not self.stopping:
+            self.spool.sync_if_due()
+            if not self.spool.has_data.wait(tick_s):
+                continue
+            if self.forward_once():
+                if not self.pending():
+                    self.spool.has_data.clear()
+                    if self.pending():          # an append raced with the clear
+                        self.spool.has_data.set()
+            else:
+                deadline = time.monotonic() + self.retry_s
+                while not self.stopping and time.monotonic() < deadline:
+                    self.spool.sync_if_due()
+                    time.sleep(tick_s)
+
+
+class SpoolingSink:
+    """Primary sink first; when it cannot take a batch, the spool does."""
+
+    def __init__(self, primary, spool):
+        self.primary = primary
+        self.spool = spool
+
+    def put(self, pairs):
+        try:
+            self.primary.put(pairs)
+        except SinkUnavailable:
+            self.spool.append(pairs)
+
+    def ready(self):
+        ok, why = self.primary.ready()
+        if ok:
+            return ok, why
+        if self.spool.size_bytes() < self.spool.max_bytes:
+            return True, "spooling (%s)" % why
+        return False, "spool full and %s" % why
+
+
+def _write_all(fd, buf):
+    view = memoryview(buf)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_pos(path):
+    try:
+        with open(path, "rb") as fh:
+            return int(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_pos(path, offset):
+    with open(path, "w") as fh:
+        fh.write(str(offset))
+
+
+def _lock_directory(directory):
+    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit("spool directory %s is in use by another process" % directory)
+    return fd
+
+
+def forward_cli(directory, servers):
+    """`ingest spool forward DIR --kestrel ...`: empty a spool (e.g. a dead host's disk)."""
+    from ingest.kestrel.client import Client
+    from ingest.sink import KestrelSink
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not os.path.isdir(directory):
+        raise SystemExit("no spool directory at %s" % directory)
+    spool = Spool(directory)
+    forwarder = Forwarder(spool, KestrelSink(Client(servers)).put)
+    deadline = time.monotonic() + 60
+    try:
+        while not forwarder.forward_once():
+            if time.monotonic() > deadline:
+                log.error("no Kestrel server took records for 60 s; %d forwarded so far",
+                          forwarder.forwarded)
+                return 1
+            time.sleep(forwarder.retry_s)
+    finally:
+        spool.close()
+    print("forwarded %d records from %s" % (forwarder.forwarded, directory))
+    return 0
