@@ -138,9 +138,11 @@ class ClientIP:
         return peer
 
 
-def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=None):
+def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=None,
+             access_log=None, timer=time.perf_counter):
     """Build the WSGI callable.  Nothing is created at import time; tests pass a MemorySink
-    and a fixed clock."""
+    and a fixed clock.  `metrics` (ingest.metrics.Metrics) and `access_log` (a callable
+    taking one line of bytes) are optional."""
     if router is None:
         from ingest.routing import Router
         router = Router(settings.routes)
@@ -151,6 +153,9 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
     max_records = settings.max_records
     max_record_bytes = settings.max_record_bytes
     max_properties = settings.max_properties
+    max_depth = settings.max_depth
+    max_string = settings.max_string_chars
+    max_headers = settings.max_headers
     max_in_flight = settings.max_in_flight
     count = metrics.count if metrics is not None else _no_count
 
@@ -165,6 +170,8 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
         return headers
 
     def respond(environ, start_response, status, body, content_type, extra=()):
+        environ["ingest.status"] = status
+        environ["ingest.bytes"] = len(body)
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), _NO_CACHE]
         headers.extend(extra)
         start_response(_STATUS[status], cors(environ, headers))
@@ -177,6 +184,7 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
         requested = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS")
         if requested and len(requested) <= 1024 and _HEADER_LIST_RE.match(requested):
             headers.append(("Access-Control-Allow-Headers", requested))
+        environ["ingest.status"] = 204
         start_response(_STATUS[204], cors(environ, headers))
         return [b""]
 
@@ -238,7 +246,7 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                               "%d records exceed the limit of %d" % (len(records), max_records))
         now = clock()
         ip = client_ip(environ) if params.get("ip") in _TRUE else None
-        ctx = cleaning.Context(now, ip, max_properties)
+        ctx = cleaning.Context(now, ip, max_properties, max_depth, max_string)
         clean = cleaners[endpoint]
         pairs, rejected, accepted = [], [], 0
         for i, record in enumerate(records):
@@ -264,8 +272,12 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
             except RecordRejected as exc:
                 rejected.append((i, exc))
                 count("rejected", endpoint, exc.reason)
+        environ["ingest.accepted"] = accepted
+        environ["ingest.rejected"] = len(rejected)
         if pairs:
             sink.put(pairs)
+            if metrics is not None:
+                metrics.accepted_pairs(endpoint, pairs)
         return accepted, rejected, records
 
     def strict_body(accepted, rejected, records):
@@ -290,7 +302,6 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                                         environ.get("CONTENT_TYPE", ""), body)
             answer = Answer(params, endpoint)
             accepted, rejected, records = process(environ, endpoint, params, answer)
-            count("records", endpoint, accepted)
             if answer.strict:
                 status, out, ctype = strict_body(accepted, rejected, records)
             else:
@@ -318,10 +329,15 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                 return respond(environ, start_response, 200, PIXEL_GIF, "image/gif")
         return respond(environ, start_response, status, out, ctype)
 
-    def app(environ, start_response):
+    def dispatch(environ, start_response):
         path = environ.get("PATH_INFO") or "/"
         endpoint = _endpoint(path)
         method = environ.get("REQUEST_METHOD", "GET")
+        # PERF: len(environ) is O(1); headers are only counted when it is suspicious.
+        if len(environ) > max_headers + _ENVIRON_BASE_KEYS and _header_count(environ) > max_headers:
+            return respond(environ, start_response, 431,
+                           _json({"status": 0, "error": "more than %d header lines" % max_headers}),
+                           _JSON)
         if endpoint is None:
             return other_path(environ, start_response, path, method)
         if method == "OPTIONS":
@@ -367,9 +383,43 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                        _json({"status": 0, "error": "not found; use /track, /engage, /groups or /import"}),
                        _JSON)
 
+    def observed(environ, start_response):
+        """dispatch(), then the metrics and the access-log line for the request."""
+        started = timer()
+        body = dispatch(environ, start_response)
+        elapsed = timer() - started
+        endpoint = _endpoint(environ.get("PATH_INFO") or "/") or "other"
+        status = environ.get("ingest.status", 0)
+        if metrics is not None:
+            metrics.request(endpoint, status, elapsed)
+        if access_log is not None:
+            access_log(_access_line(environ, status, elapsed, clock, client_ip))
+        return body
+
+    app = observed if (metrics is not None or access_log is not None) else dispatch
     app.state = state
     app.router = router
     return app
+
+
+def _access_line(environ, status, elapsed, clock, client_ip):
+    """One JSON line: time, client IP, method, path, status, bytes, records, latency."""
+    entry = {"time": round(clock(), 3), "ip": client_ip(environ),
+             "method": environ.get("REQUEST_METHOD", ""), "path": environ.get("PATH_INFO", ""),
+             "status": status, "bytes": environ.get("ingest.bytes", 0),
+             "accepted": environ.get("ingest.accepted", 0),
+             "rejected": environ.get("ingest.rejected", 0),
+             "latency_ms": round(elapsed * 1000, 3)}
+    return (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8", "replace")
+
+
+# Keys a WSGI server puts in environ besides the HTTP_* headers (eventlet sets about 20).
+_ENVIRON_BASE_KEYS = 32
+
+
+def _header_count(environ):
+    return sum(1 for key in environ if key.startswith("HTTP_")) + \
+        ("CONTENT_TYPE" in environ) + ("CONTENT_LENGTH" in environ)
 
 
 def _no_count(*_args):

@@ -22,13 +22,45 @@ _OP_TYPES = {"$set": dict, "$set_once": dict, "$add": dict, "$append": dict, "$u
 class Context:
     """What cleaning needs from the request: arrival time, client IP, limits."""
 
-    __slots__ = ("now", "now_ms", "ip", "max_properties")
+    __slots__ = ("now", "now_ms", "ip", "max_properties", "max_depth", "max_string")
 
-    def __init__(self, now, ip=None, max_properties=255):
+    def __init__(self, now, ip=None, max_properties=255, max_depth=20, max_string=65536):
         self.now = now
         self.now_ms = int(now * 1000)
         self.ip = ip                      # set only when the request asked for ip=1
         self.max_properties = max_properties
+        self.max_depth = max_depth        # nesting below the properties object
+        self.max_string = max_string      # characters in one string value
+
+
+def check_values(obj, ctx, field):
+    """Refuse strings longer than max_string and nesting deeper than max_depth.
+
+    PERF: one pass over the top-level values; containers (rare in events) recurse.
+    """
+    limit = ctx.max_string
+    for value in (obj.values() if type(obj) is dict else obj):
+        kind = type(value)
+        if kind is str:
+            if len(value) > limit:
+                raise RecordRejected("string_too_long", field,
+                                     "%s has a string longer than %d characters" % (field, limit))
+        elif kind is dict or kind is list:
+            _check_nested(value, ctx, field, 1)
+
+
+def _check_nested(value, ctx, field, depth):
+    if depth > ctx.max_depth:
+        raise RecordRejected("too_deep", field,
+                             "%s is nested deeper than %d levels" % (field, ctx.max_depth))
+    for item in (value.values() if type(value) is dict else value):
+        kind = type(item)
+        if kind is str:
+            if len(item) > ctx.max_string:
+                raise RecordRejected("string_too_long", field, "%s has a string longer than %d"
+                                     " characters" % (field, ctx.max_string))
+        elif kind is dict or kind is list:
+            _check_nested(item, ctx, field, depth + 1)
 
 
 def _nonempty_str(value):
@@ -87,6 +119,7 @@ def clean_event(record, ctx, importing=False):
     if len(props) > ctx.max_properties:
         raise RecordRejected("too_many_properties", "properties",
                              "properties has more than %d keys" % ctx.max_properties)
+    check_values(props, ctx, "properties")
     if importing:
         if props.get("distinct_id") in (None, ""):
             raise RecordRejected("missing_distinct_id", "properties.distinct_id",
@@ -128,6 +161,7 @@ def _clean_update(record, ctx, ids, ops):
         if len(value) > ctx.max_properties:
             raise RecordRejected("too_many_properties", op,
                                  "%s has more than %d keys" % (op, ctx.max_properties))
+        check_values(value, ctx, op)
     if ctx.ip is not None and "$ip" not in record:
         record["$ip"] = ctx.ip
     return token

@@ -73,7 +73,8 @@ FIELDS = {
     "max_records": (int, 2000, "most records per request; more: 413"),
     "max_record_bytes": (int, 1024 * 1024, "largest record as JSON; larger: record rejected"),
     "max_properties": (int, 255, "most properties per record; more: record rejected"),
-    "max_depth": (int, 20, "deepest JSON nesting in data; deeper: 400"),
+    "max_depth": (int, 20, "deepest nesting inside a record's properties; deeper: record rejected"),
+    "max_string_chars": (int, 65536, "longest string value in a record; longer: record rejected"),
     "max_in_flight": (int, 1000, "requests handled at once per worker; more: 503"),
     "max_connections": (int, 4096, "open client connections per worker"),
     "keepalive_idle_s": (float, 75.0, "idle keep-alive connections are closed after this"),
@@ -147,7 +148,7 @@ def _validate(s):
     positive = ["port", "kestrel_connect_timeout_ms", "kestrel_timeout_ms", "kestrel_pool_size",
                 "kestrel_writers", "spool_max_mb", "max_request_line_bytes", "max_header_bytes", "max_headers",
                 "max_body_bytes", "max_records", "max_record_bytes", "max_properties",
-                "max_depth", "max_in_flight", "max_connections"]
+                "max_depth", "max_string_chars", "max_in_flight", "max_connections"]
     for name in positive:
         if getattr(s, name) <= 0:
             raise ValueError("%s must be positive, not %r" % (name, getattr(s, name)))

@@ -7,6 +7,7 @@ main green thread acts on them: SIGHUP reloads the routing table off the request
 socket closes, in-flight requests get up to `drain_s` to finish, then the process exits 0.
 """
 import logging
+import os
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ import eventlet.wsgi
 
 from ingest.app import AppState, make_app
 from ingest.kestrel.client import Client
+from ingest.metrics import Metrics
 from ingest.routing import Router
 from ingest.sink import BatchingSink, KestrelSink
 from ingest.spool import Forwarder, Spool, SpoolingSink
@@ -38,7 +40,9 @@ def configure_logging():
 
 
 def build_sink(settings):
-    """Kestrel, wrapped by the spool when one is configured; returns (sink, forwarder)."""
+    """Kestrel, batched, wrapped by the spool when one is configured.
+
+    Returns (sink, client, forwarder or None)."""
     client = Client(list(settings.kestrel),
                     connect_timeout_ms=settings.kestrel_connect_timeout_ms,
                     timeout_ms=settings.kestrel_timeout_ms,
@@ -47,7 +51,7 @@ def build_sink(settings):
     kestrel = KestrelSink(client)
     batched = BatchingSink(kestrel, writers=settings.kestrel_writers)
     if not settings.spool:
-        return batched, None
+        return batched, client, None
     spool = Spool(settings.spool, sync_ms=settings.spool_sync_ms,
                   max_bytes=settings.spool_max_mb * 1024 * 1024,
                   run_blocking=eventlet.tpool.execute)
@@ -55,7 +59,22 @@ def build_sink(settings):
     if spool.segments():
         log.info("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
                  spool.size_bytes())
-    return SpoolingSink(batched, spool), forwarder
+    return SpoolingSink(batched, spool), client, forwarder
+
+
+def open_access_log(path):
+    """A writer of whole lines: one os.write per request on an O_APPEND descriptor, so
+    lines from concurrent requests never interleave and logrotate's copytruncate works."""
+    if not path:
+        return None
+    fd = 2 if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(line):
+        try:
+            os.write(fd, line)
+        except OSError as exc:  # a full disk must not fail the request
+            log.warning("access log write failed: %s", exc)
+    return write
 
 
 def listen(settings):
@@ -70,9 +89,12 @@ def serve(settings):
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
     eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
     router = Router(settings.routes, log=log)
-    sink, forwarder = build_sink(settings)
+    sink, client, forwarder = build_sink(settings)
     state = AppState()
-    app = make_app(settings, sink, clock=time.time, router=router, state=state)
+    metrics = Metrics(state=state, router=router, client=client,
+                      spool=forwarder.spool if forwarder else None)
+    app = make_app(settings, sink, clock=time.time, router=router, state=state, metrics=metrics,
+                   access_log=open_access_log(settings.access_log))
     sock = listen(settings)
     flags = Flags()
 
