@@ -67,7 +67,7 @@ FIELDS = {
     "trusted_proxies": (_networks, "127.0.0.0/8,::1/128",
                         "peers whose X-Forwarded-For is believed (CIDRs)"),
     "max_request_line_bytes": (int, 65536, "longest request line (URL) accepted; longer: 414"),
-    "max_header_bytes": (int, 16384, "largest single header line; larger: 431"),
+    "max_header_bytes": (int, 16384, "largest single header line; larger: 400 from eventlet"),
     "max_headers": (int, 100, "most header lines per request; more: 431"),
     "max_body_bytes": (int, 10 * 1024 * 1024, "largest request body; larger: 413"),
     "max_records": (int, 2000, "most records per request; more: 413"),
@@ -78,7 +78,7 @@ FIELDS = {
     "max_in_flight": (int, 1000, "requests handled at once per worker; more: 503"),
     "max_connections": (int, 4096, "open client connections per worker"),
     "keepalive_idle_s": (float, 75.0, "idle keep-alive connections are closed after this"),
-    "read_timeout_s": (float, 30.0, "a request's headers and body must arrive within this"),
+    "read_timeout_s": (float, 30.0, "a client silent this long in the middle of a request is dropped"),
     "drain_s": (float, 10.0, "on SIGTERM, how long in-flight requests may take to finish"),
     "access_log": (_opt_str, None, "JSON-lines access log file ('-' = stderr)"),
 }
@@ -104,12 +104,21 @@ Settings = dataclasses.make_dataclass(
     namespace={"describe": _describe, "__module__": __name__},
 )
 
+# INGEST_PORT is the public port nginx listens on (deploy/, `make run`), so the worker's own
+# host and port read these instead.
+ENV_NAMES = {"host": "INGEST_WORKER_HOST", "port": "INGEST_WORKER_PORT"}
+
+
+def env_name(name):
+    return ENV_NAMES.get(name, "INGEST_" + name.upper())
+
+
 def add_serve_arguments(parser):
     parser.add_argument("--config", default=None,
                         help="JSON file of settings (keys as below, with underscores)")
     for name, (_, default, help_text) in FIELDS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                            help="%s (default %s; env INGEST_%s)" % (help_text, default, name.upper()))
+                            help="%s (default %s; env %s)" % (help_text, default, env_name(name)))
 
 
 def resolve(flags=None, environ=None, config_file=None):
@@ -126,11 +135,11 @@ def resolve(flags=None, environ=None, config_file=None):
             raise ValueError("%s: unknown settings %s" % (path, ", ".join(unknown)))
     values = {}
     for name, (parse, default, _) in FIELDS.items():
-        env_name = "INGEST_" + name.upper()
+        env = env_name(name)
         if flags.get(name) is not None:
             raw, source = flags[name], "--" + name.replace("_", "-")
-        elif environ.get(env_name) not in (None, ""):
-            raw, source = environ[env_name], env_name
+        elif environ.get(env) not in (None, ""):
+            raw, source = environ[env], env
         elif name in file_values:
             raw, source = file_values[name], "%s:%s" % (path, name)
         else:

@@ -112,7 +112,9 @@ def serve(settings):
         eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
         log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
         url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,
-        socket_timeout=settings.read_timeout_s or None)
+        socket_timeout=settings.read_timeout_s or None,
+        # Our header names are already canonical; skip eventlet re-capitalising each one.
+        capitalize_response_headers=False)
     if forwarder is not None:
         eventlet.spawn(forwarder.run)
     log.info("listening on http://%s:%d", settings.host, settings.port)

@@ -1,0 +1,51 @@
+"""/metrics: Prometheus text with requests, records by queue, rejections by reason."""
+import io
+
+from ingest import config
+from ingest.app import AppState, make_app
+from ingest.metrics import Metrics
+from ingest.sink import MemorySink
+
+
+def call(app, path, query=""):
+    out = {}
+
+    def start_response(status, headers):
+        out["status"] = status
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": query,
+               "REMOTE_ADDR": "127.0.0.1", "wsgi.input": io.BytesIO(b"")}
+    body = b"".join(app(environ, start_response))
+    return out["status"], body
+
+
+def test_rejections_appear_under_their_reason_label():
+    state = AppState()
+    metrics = Metrics(state=state)
+    app = make_app(config.resolve({}, environ={}), MemorySink(), clock=lambda: 1.8e9,
+                   state=state, metrics=metrics)
+    data = '[{"event":"a","properties":{"token":"t"}},{"event":"b","properties":{}}]'
+    assert call(app, "/track", "data=" + data)[1] == b"1"
+    assert call(app, "/track", "data=%%%")[1] == b"0"
+    status, text = call(app, "/metrics")
+    assert status.startswith("200")
+    text = text.decode()
+    assert 'ingest_records_rejected_total{endpoint="track",reason="missing_token"} 1.0' in text
+    assert 'ingest_records_rejected_total{endpoint="track",reason="invalid_base64"} 1.0' in text
+    assert 'ingest_records_accepted_total{endpoint="track",queue="events"} 1.0' in text
+    assert 'ingest_requests_total{endpoint="track",status="200"} 2.0' in text
+    assert 'ingest_request_duration_seconds_count{endpoint="track"} 2.0' in text
+    assert "ingest_requests_in_flight 0.0" in text
+
+
+def test_access_log_line_has_the_request_facts():
+    lines = []
+    app = make_app(config.resolve({}, environ={}), MemorySink(), clock=lambda: 1.8e9,
+                   access_log=lines.append)
+    call(app, "/engage", 'data={"$token":"t","$distinct_id":"d","$set":{"a":1}}')
+    import json
+    entry = json.loads(lines[0])
+    assert entry["path"] == "/engage" and entry["status"] == 200
+    assert entry["accepted"] == 1 and entry["rejected"] == 0
+    assert entry["ip"] == "127.0.0.1" and entry["method"] == "GET"
+    assert entry["bytes"] == 1 and entry["latency_ms"] >= 0
