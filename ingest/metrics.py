@@ -100,7 +100,7 @@ class _Collector:
             fam = CounterMetricFamily("ingest_kestrel_errors",
                                       "failed Kestrel operations, by server", labels=("server",))
             for server in m.client.cluster.servers:
-                fam.add_metric((server.address,), getattr(server, "errors", server.failures))
+                fam.add_metric((server.address,), server.errors)
             yield fam
         if m.state is not None:
             yield GaugeMetricFamily("ingest_requests_in_flight", "requests being handled",

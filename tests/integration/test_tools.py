@@ -1,0 +1,137 @@
+"""`ingest consume` and `ingest stats` as subprocesses against real `ingest queue` servers."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ingest.kestrel import Client
+from tests.support.procs import ROOT, QueueServer, free_port
+
+
+def ingest(*args, timeout=30):
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "ingest"] + list(args),
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def queue_stats(address, queue):
+    with Client([address]) as c:
+        return c.stats()[address]["queues"].get(queue, {})
+
+
+@pytest.fixture
+def two_servers(tmp_path):
+    servers = [QueueServer(tmp_path, name="t%d" % i).start() for i in range(2)]
+    yield servers
+    for s in servers:
+        s.proc.stop()
+
+
+def records(n, prefix="r"):
+    return [json.dumps({"event": "%s%d" % (prefix, i), "properties": {"n": i}},
+                       separators=(",", ":")).encode() for i in range(n)]
+
+
+def test_consume_max_prints_exactly_n_and_leaves_the_rest(queue_server):
+    addr = queue_server.address
+    items = records(8)
+    Client([addr]).add_many("ev", items)
+    done = ingest("consume", "ev", "--kestrel", addr, "--max", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [i.decode() for i in items[:5]]
+    s = queue_stats(addr, "ev")
+    assert (s["items"], s["open_transactions"]) == (3, 0)
+    # the rest is still there, in order
+    done = ingest("consume", "ev", "--kestrel", addr, "--timeout-ms", "200")
+    assert done.stdout.splitlines() == [i.decode() for i in items[5:]]
+    assert queue_stats(addr, "ev")["items"] == 0
+
+
+def test_consume_exits_after_timeout_without_items(queue_server):
+    t0 = time.monotonic()
+    done = ingest("consume", "empty", "--kestrel", queue_server.address, "--timeout-ms", "300")
+    elapsed = time.monotonic() - t0
+    assert (done.returncode, done.stdout) == (0, "")
+    assert elapsed >= 0.3
+
+
+def test_consume_reads_every_server_and_non_json_items(two_servers):
+    a, b = two_servers
+    Client([a.address]).add_many("mix", [b'{"k":"a"}', b"plain \xff"])
+    Client([b.address]).add_many("mix", [b'{\n"k": "b"\n}', b""])
+    done = ingest("consume", "mix", "--kestrel", "%s,%s" % (a.address, b.address),
+                  "--timeout-ms", "300")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sorted(lines) == sorted(['{"k":"a"}', '"plain \ufffd"', '{"k":"b"}', '""'])
+    assert [json.loads(x) for x in lines]  # every line is JSON
+    for s in two_servers:
+        st = queue_stats(s.address, "mix")
+        assert (st["items"], st["open_transactions"]) == (0, 0)
+
+
+def test_consume_peek_leaves_the_item(queue_server):
+    addr = queue_server.address
+    Client([addr]).add_many("pk", [b'{"first":1}', b'{"second":2}'])
+    done = ingest("consume", "pk", "--kestrel", addr, "--peek")
+    assert (done.returncode, done.stdout) == (0, '{"first":1}\n')
+    assert queue_stats(addr, "pk")["items"] == 2
+
+
+def test_consume_aborts_the_item_when_stdout_fails(queue_server, tmp_path):
+    addr = queue_server.address
+    Client([addr]).add_many("out", [b'{"kept":1}', b'{"kept":2}'])
+    readonly = tmp_path / "readonly"
+    readonly.write_bytes(b"")
+    with open(readonly, "rb") as stdout:  # writing to it fails with EBADF
+        done = subprocess.run([sys.executable, "-W", "ignore", "-m", "ingest", "consume",
+                               "out", "--kestrel", addr], cwd=ROOT, stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "returned to queue" in done.stderr
+    s = queue_stats(addr, "out")
+    assert (s["items"], s["open_transactions"]) == (2, 0)
+    assert Client([addr]).get("out") == b'{"kept":1}'
+
+
+def test_consume_against_a_dead_server_fails(tmp_path):
+    done = ingest("consume", "q", "--kestrel", "127.0.0.1:%d" % free_port(),
+                  "--timeout-ms", "200")
+    assert done.returncode == 1 and done.stdout == ""
+    assert "ingest consume:" in done.stderr
+
+
+def test_stats_table_and_json(two_servers):
+    a, b = two_servers
+    Client([a.address]).add_many("st", records(3))
+    Client([b.address]).add_many("st", records(2))
+    servers = "%s,%s" % (a.address, b.address)
+    done = ingest("stats", "--kestrel", servers)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["server", "queue", "items", "total_items", "open", "bytes",
+                                "items/s"]
+    rows = [line.split() for line in lines[1:]]
+    st_rows = [r for r in rows if r[0] == "st"]
+    assert sorted(r[1] for r in st_rows) == ["2", "3"]
+    done = ingest("stats", "--kestrel", servers, "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["interval_s"] == 1.0
+    q = out["servers"][a.address]["queues"]["st"]
+    assert (q["items"], q["total_items"], q["open_transactions"], q["rate"]) == (3, 3, 0, 0.0)
+    assert q["bytes"] == sum(len(r) for r in records(3))
+    assert out["servers"][b.address]["queues"]["st"]["items"] == 2
+
+
+def test_stats_down_servers(queue_server):
+    dead = "127.0.0.1:%d" % free_port()
+    done = ingest("stats", "--kestrel", "%s,%s" % (queue_server.address, dead), "--json")
+    assert done.returncode == 0
+    out = json.loads(done.stdout)["servers"]
+    assert out[dead] is None and out[queue_server.address]["up"] is True
+    done = ingest("stats", "--kestrel", dead)
+    assert done.returncode == 1
+    assert done.stdout.split() == ["server", "queue", "items", "total_items", "open",
+                                   "bytes", "items/s", dead, "DOWN", "-", "-", "-", "-", "-"]
