@@ -40,13 +40,16 @@ PIXEL_GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x
 _CALLBACK_RE = re.compile(r"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)*\Z", re.ASCII)
 _HEADER_LIST_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~ ,-]*\Z")
 _MAX_CALLBACK = 128
+_REDIRECT_CHARS = re.compile(r"[!-\[\]-~]+\Z", re.ASCII)   # printable ASCII but space and backslash
+# /import strict answers use the OpenAPI's phrases.
+_STRICT_PHRASE = {413: "Request Entity Too Large", 400: "Bad Request", 401: "Unauthorized"}
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
 _NO_CACHE = ("Cache-Control", "no-cache, no-store")
 # PERF: one pre-built encoder; compact separators, UTF-8 out (DESIGN: records are compact
 # JSON).  The standard library's C encoder writes a typical event in ~5 us against ~7 us
 # for simplejson's with ensure_ascii=False; decoding stays simplejson, as the design asks.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _TRUE = ("1", "true")
 
 
@@ -80,10 +83,22 @@ class Answer:
 
 
 def _safe_redirect(url):
+    """An absolute http(s) URL of printable ASCII only (it goes into a Location header)."""
     lowered = url[:8].lower()
     if not (lowered.startswith("http://") or lowered.startswith("https://")):
         return False
-    return not any(c in url for c in "\r\n\t\\ ") and len(url) <= 2048 and "//" in url[5:8]
+    if len(url) > 2048 or not _REDIRECT_CHARS.match(url):
+        return False
+    host = url.split("//", 1)[1]
+    return host[:1] not in ("", "/")
+
+
+def _query_answer(environ, endpoint):
+    """The answer shape from the query string alone, for failures before the body parsed."""
+    try:
+        return Answer(decode.parse_pairs(environ.get("QUERY_STRING", ""), {}), endpoint)
+    except IngestError:
+        return None
 
 
 def _endpoint(path):
@@ -190,24 +205,27 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
 
     def error_body(exc, answer):
         """A request-level failure, in the shape this client reads."""
+        if answer is not None and answer.strict:
+            # /import strict answers every failure as JSON with a real status (400 for
+            # undecodable data, where the legacy answer is 200 `0`).
+            code = 400 if exc.status == 200 else exc.status
+            return code, _json({"code": code, "error": exc.message,
+                                "status": _STRICT_PHRASE.get(code, _PHRASE.get(code, "Error"))}), _JSON
         if exc.status == 200:
             return result(answer, 0, exc.message)
-        if answer is not None and answer.strict:
-            return exc.status, _json({"code": exc.status, "error": exc.message,
-                                      "status": _PHRASE.get(exc.status, "Error")}), _JSON
         return exc.status, _json({"status": 0, "error": exc.message}), _JSON
 
     def result(answer, status, error):
-        """Body for a processed request: status is 1 (something accepted) or 0."""
-        if answer is None or not (answer.verbose or answer.callback):
+        """Body for a processed request: status is 1 (something accepted) or 0.
+
+        verbose=1 gives JSON; callback= wraps whichever of the two in a call."""
+        if answer is not None and answer.verbose:
+            body, ctype = _json({"status": status, "error": error}), _JSON
+        else:
             body, ctype = (b"1" if status else b"0"), _TEXT
-            if answer is not None and answer.callback:
-                body, ctype = b"%s(%s)" % (answer.callback.encode(), body), "text/javascript"
-            return 200, body, ctype
-        body = _json({"status": status, "error": error})
-        if answer.callback:
+        if answer is not None and answer.callback:
             return 200, b"%s(%s)" % (answer.callback.encode(), body), "text/javascript"
-        return 200, body, _JSON
+        return 200, body, ctype
 
     def read_body(environ):
         length = environ.get("CONTENT_LENGTH")
@@ -231,10 +249,14 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
         return body
 
     def credential_ok(environ, params, table):
-        secret = params.get("api_key") or basic_secret(environ.get("HTTP_AUTHORIZATION"))
-        if not secret or not table.secret_matches(secret):
-            raise IngestError(401, "invalid_credentials", "Invalid credentials")
-        return secret
+        """The configured secret this request proves, from Basic auth or `api_key`.
+
+        The Python SDK sends both (Basic with the API secret, api_key with the project's
+        API key), so either may be the one that matches."""
+        for secret in (basic_secret(environ.get("HTTP_AUTHORIZATION")), params.get("api_key")):
+            if secret and table.secret_matches(secret):
+                return secret
+        raise IngestError(401, "invalid_credentials", "Invalid credentials")
 
     def process(environ, endpoint, params, answer):
         """Decode, clean, route and store; returns (accepted, rejected list)."""
@@ -264,6 +286,9 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                 except UnicodeEncodeError:
                     raise RecordRejected("invalid_unicode", "record",
                                          "record contains invalid Unicode (lone surrogate)")
+                except ValueError:   # allow_nan=False: 1e400 parsed as infinity
+                    raise RecordRejected("invalid_number", "record",
+                                         "record contains a number out of range")
                 if len(payload) > max_record_bytes:
                     raise RecordRejected("record_too_large", "record",
                                          "record exceeds %d bytes" % max_record_bytes)
@@ -311,6 +336,8 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                     error = "record %d: %s" % (i, exc.message)
                 status, out, ctype = result(answer, 1 if accepted else 0, error)
         except IngestError as exc:
+            if answer is None:
+                answer = _query_answer(environ, endpoint)
             if exc.status >= 400:
                 log.warning("%s %s: %s", endpoint, exc.status, exc.reason)
             count("request_error", endpoint, exc.reason)

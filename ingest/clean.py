@@ -11,6 +11,7 @@ MS_THRESHOLD = 1e11              # a time above this is in milliseconds (1e11 s 
 MAX_AGE_S = 5 * 24 * 3600        # /track refuses events older than this (/import's job)
 MAX_FUTURE_S = 3600              # later than this is clamped (track) or refused (import)
 IMPORT_MIN_TIME_S = 31536000     # 1971-01-01: /import refuses anything earlier
+MAX_TIME_MAGNITUDE = 1e15        # far beyond any real time in ms; bigger is not a time
 
 ENGAGE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
 GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
@@ -79,7 +80,8 @@ def _event_time(props, ctx, importing):
             raise RecordRejected("missing_time", "properties.time", "properties.time is missing")
         props["time"] = round(ctx.now, 3)
         return
-    if not _number(t):
+    # The bound keeps t / 1000.0 from overflowing on a 400-digit integer.
+    if not _number(t) or not -MAX_TIME_MAGNITUDE < t < MAX_TIME_MAGNITUDE:
         raise RecordRejected("invalid_time", "properties.time", "properties.time must be a number")
     if t > MS_THRESHOLD:
         t = t / 1000.0

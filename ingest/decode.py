@@ -20,6 +20,7 @@ CONTROL_PARAMS = frozenset(("data", "ip", "verbose", "callback", "img", "redirec
                             "strict", "api_key", "project_id"))
 FORM_TYPES = ("", "application/x-www-form-urlencoded", "text/plain")
 JSON_TYPES = ("application/json",)
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")
 _URLSAFE = bytes.maketrans(b"-_ ", b"+/+")
 
 
@@ -45,6 +46,10 @@ def read_params(query_string, content_type, body):
         media = content_type.split(";", 1)[0].strip().lower()
         if media in JSON_TYPES:
             params["data"] = _text(body)
+        elif media in NDJSON_TYPES:
+            # One record per line (/import's bulk format) becomes one JSON array.
+            lines = [line for line in _text(body).splitlines() if line.strip()]
+            params["data"] = "[" + ",".join(lines) + "]"
         elif media in FORM_TYPES or media.startswith("text/"):
             parse_pairs(_text(body), params)
         else:

@@ -18,6 +18,7 @@ This module uses `threading` primitives only; under eventlet's monkey patching t
 green.  The blocking fsync is run through `run_blocking` (the server passes
 eventlet.tpool.execute) so other green threads keep serving meanwhile.
 """
+import errno
 import fcntl
 import logging
 import os
@@ -92,6 +93,7 @@ class Spool:
         if existing:
             self.has_data.set()
         self.appended_records = 0
+        self.full = False          # set when an append was refused, until space frees up
 
     # -- layout --
 
@@ -119,6 +121,7 @@ class Spool:
             if self._closed:
                 raise SinkUnavailable("spool is closed")
             if self.size_bytes() + len(buf) > self.max_bytes:
+                self.full = True
                 raise SpoolFull("spool is full (%d bytes)" % self.size_bytes(), retry_after_s=5)
             if self._fd is None or self._active_size >= self.segment_bytes:
                 self._rotate_locked()
@@ -126,23 +129,34 @@ class Spool:
             self._active_size += len(buf)
             self._written += len(buf)
             target = self._written
-            fd = self._fd
+            fd, seq = self._fd, self._active_seq
             self.appended_records += len(pairs)
         self.has_data.set()
         if self.sync_ms == 0:
-            self._sync_to(fd, target)
+            self._sync_to(fd, seq, target)
         elif self._dirty_since is None:
             self._dirty_since = self.clock()
 
-    def _sync_to(self, fd, target):
+    def _sync_to(self, fd, seq, target):
         """Group commit: whoever holds the lock fsyncs everything written so far; the
-        others find their bytes already synced when they get the lock."""
+        others find their bytes already synced when they get the lock.
+
+        A rotation may close the segment meanwhile; it fsyncs before closing, so a
+        closed segment (different seq, or EBADF from a closed fd) is already durable.
+        `_synced` counts bytes of the active segment only, so it is updated only when
+        the segment synced is still the active one."""
         with self._sync_lock:
-            if fd is not self._fd or self._synced >= target:
+            if seq != self._active_seq or self._synced >= target:
                 return
             upto = self._written
-            self.run_blocking(os.fsync, fd)
-            self._synced = max(self._synced, upto)
+            try:
+                self.run_blocking(os.fsync, fd)
+            except OSError as exc:
+                if exc.errno == errno.EBADF and seq != self._active_seq:
+                    return
+                raise SinkUnavailable("spool fsync failed: %s" % exc) from None
+            if seq == self._active_seq:
+                self._synced = max(self._synced, upto)
 
     def sync_if_due(self):
         """Periodic fsync for sync_ms > 0 (called by the forwarder's loop)."""
@@ -150,7 +164,7 @@ class Spool:
             self._dirty_since = None
             fd = self._fd
             if fd is not None:
-                self._sync_to(fd, self._written)
+                self._sync_to(fd, self._active_seq, self._written)
 
     def _rotate_locked(self):
         """Close the active segment (fsynced) and open a fresh one."""
@@ -178,6 +192,7 @@ class Spool:
     def forgot(self, seq, size):
         """A closed segment was fully forwarded and deleted."""
         self.closed_bytes = max(0, self.closed_bytes - size)
+        self.full = False
 
     def close(self):
         with self._write_lock:
@@ -287,7 +302,7 @@ class SpoolingSink:
         ok, why = self.primary.ready()
         if ok:
             return ok, why
-        if self.spool.size_bytes() < self.spool.max_bytes:
+        if not self.spool.full and self.spool.size_bytes() < self.spool.max_bytes:
             return True, "spooling (%s)" % why
         return False, "spool full and %s" % why
 
