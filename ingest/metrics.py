@@ -84,12 +84,20 @@ class _Collector:
             fam = CounterMetricFamily("ingest_records_overflow",
                                       "records sent to an overflow queue, by base queue",
                                       labels=("queue",))
-            for queue, n in sorted(getattr(table, "overflowed", {}).items()):
+            for queue, n in sorted(table.overflowed.items()):
                 fam.add_metric((queue,), n)
             yield fam
             yield CounterMetricFamily("ingest_records_blocked",
                                       "records from blocked tokens (answered, not queued)",
-                                      value=getattr(table, "blocked", 0))
+                                      value=table.blocked)
+            yield CounterMetricFamily("ingest_records_unknown_token",
+                                      "records whose token has no routes entry (default queue)",
+                                      value=table.unknown)
+            yield CounterMetricFamily("ingest_routes_reloads", "routes files loaded by SIGHUP",
+                                      value=m.router.reloads)
+            yield CounterMetricFamily("ingest_routes_reload_failures",
+                                      "routes reloads refused (last good table kept)",
+                                      value=m.router.reload_failures)
         if m.spool is not None:
             yield GaugeMetricFamily("ingest_spool_bytes", "bytes in the local spool",
                                     value=m.spool.size_bytes())

@@ -19,7 +19,7 @@ import eventlet.wsgi
 from ingest.app import AppState, make_app
 from ingest.kestrel.client import Client
 from ingest.metrics import Metrics
-from ingest.routing import Router
+from ingest.routing import Router, RoutesError
 from ingest.sink import BatchingSink, KestrelSink
 from ingest.spool import Forwarder, Spool, SpoolingSink
 
@@ -88,7 +88,10 @@ def serve(settings):
     log.info("settings: %s", settings.describe())
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
     eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
-    router = Router(settings.routes, log=log)
+    try:
+        router = Router(settings.routes, log=log)
+    except RoutesError as exc:
+        raise SystemExit("ingest serve: bad routes file: %s" % exc)
     sink, client, forwarder = build_sink(settings)
     state = AppState()
     metrics = Metrics(state=state, router=router, client=client,
@@ -122,7 +125,8 @@ def serve(settings):
     while not flags.stop and not server.dead:
         if flags.reload:
             flags.reload = False
-            eventlet.spawn(eventlet.tpool.execute, router.reload)
+            # Parse in a native thread; the swap itself happens back in this green thread.
+            eventlet.spawn(router.reload, eventlet.tpool.execute)
         eventlet.sleep(_TICK_S)
     code = drain(settings, state, server, sock)
     if forwarder is not None:
