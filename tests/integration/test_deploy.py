@@ -1,0 +1,500 @@
+"""The production tree end to end: supervisord.conf + deploy/nginx.conf + N workers + queue.
+
+What it is for: proving the shipped configuration works as one piece.  supervisord is
+started from a temporary directory (so every path under var/ lands there) with INGEST_*
+variables pointing nginx, the workers and the bundled queue at free loopback ports, so a
+real `make run` on the same machine is never touched.  Traffic goes through nginx with the
+official Python SDK; one worker is SIGKILLed in the middle; nginx must retry so that no
+request fails, supervisord must restart the worker, and every acknowledged event must be
+on the queue.  Then the documented `supervisorctl signal HUP ingest-worker:*` must make
+every worker reload its routes without restarting, stopping supervisord must leave no
+process of the tree behind, and nginx's access log must hold every request with its body
+(bench/ replays it).
+
+What it must not do: sleep to wait (everything polls with a deadline), touch ports or
+directories it did not pick, or signal any process that is not part of the tree it
+started.
+"""
+import base64
+import grp
+import itertools
+import json
+import os
+import pwd
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.parse
+import urllib.request
+import xmlrpc.client
+
+import mixpanel
+import pytest
+from supervisor.xmlrpc import SupervisorTransport
+
+from ingest.kestrel import Client
+from tests.support.procs import ROOT, Proc, free_port, port_open, wait_until
+from tests.support.queues import read_until_empty
+
+LAUNCH = os.path.join(ROOT, "deploy", "launch.py")
+SUPERVISORD = os.path.join(os.path.dirname(sys.executable), "supervisord")
+NGINX = "/usr/sbin/nginx"
+WORKERS = 3          # not the core count (2 here): numprocs must follow INGEST_WORKERS
+SENDERS = 4          # concurrent SDK clients, so requests are in flight at the kill
+TOKEN = "deploy-test-token"
+
+
+def free_port_run(n, attempts=50):
+    """A base port such that base..base+n-1 were all free a moment ago."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        held = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise AssertionError("no run of %d free ports found" % n)
+
+
+def pid_alive(pid):
+    """True while `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def child_pids(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as fh:
+            return [int(p) for p in fh.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def clean_env(**values):
+    """This environment minus any INGEST_* of the caller's shell, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGEST_")}
+    env.update({k: str(v) for k, v in values.items()})
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+class Tree:
+    """supervisord and everything under it, started from `site` (its var/ lives there)."""
+
+    def __init__(self, tmp_path, workers):
+        self.site = os.path.join(str(tmp_path), "site")
+        os.makedirs(os.path.join(self.site, "var", "log"))  # as `make run` does
+        self.routes = os.path.join(str(tmp_path), "routes.json")
+        write_routes(self.routes, {})
+        self.workers = workers
+        self.http_port = free_port()
+        self.queue_port = free_port()
+        self.worker_base = free_port_run(workers)
+        self.env = clean_env(INGEST_WORKERS=workers, INGEST_PORT=self.http_port,
+                             INGEST_LISTEN="127.0.0.1", INGEST_QUEUE_PORT=self.queue_port,
+                             INGEST_WORKER_BASE_PORT=self.worker_base,
+                             INGEST_ROUTES=self.routes)
+        self.proc = Proc("supervisord", [SUPERVISORD, "-n", "-c",
+                                         os.path.join(ROOT, "supervisord.conf")],
+                         os.path.join(str(tmp_path), "logs"), env=self.env, cwd=self.site)
+        self.seen_pids = set()
+        self._rpc = None
+
+    @property
+    def base_url(self):
+        return "http://127.0.0.1:%d" % self.http_port
+
+    @property
+    def queue_address(self):
+        return "127.0.0.1:%d" % self.queue_port
+
+    def path(self, *parts):
+        return os.path.join(self.site, "var", *parts)
+
+    def rpc(self):
+        if self._rpc is None:
+            transport = SupervisorTransport(None, None, "unix://" + self.path("supervisor.sock"))
+            self._rpc = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+        return self._rpc.supervisor
+
+    def infos(self):
+        """{'group:name': info} for every program, remembering every pid ever seen."""
+        out = {}
+        for info in self.rpc().getAllProcessInfo():
+            out["%s:%s" % (info["group"], info["name"])] = info
+            if info["pid"]:
+                self.seen_pids.add(info["pid"])
+        return out
+
+    def all_running(self):
+        try:
+            infos = self.infos()
+        except OSError:  # socket not there yet; the transport's connection is now unusable
+            self._rpc = None
+            return False
+        return len(infos) == self.workers + 2 and all(
+            i["statename"] == "RUNNING" for i in infos.values())
+
+    def start(self):
+        self.proc.start()
+        self.seen_pids.add(self.proc.pid)
+        wait_until(lambda: self._check_alive() and self.all_running(), timeout=20,
+                   message="every program RUNNING under supervisord")
+        ports = [self.http_port, self.queue_port] + [self.worker_base + i
+                                                      for i in range(self.workers)]
+        wait_until(lambda: self._check_alive() and all(port_open("127.0.0.1", p) for p in ports),
+                   timeout=15, message="nginx, queue and every worker listening")
+        self.nginx_pids()  # remembered, so a failed test's teardown can reap them too
+        return self
+
+    def _check_alive(self):
+        if not self.proc.alive():
+            raise AssertionError("supervisord exited %s:\n%s\n%s"
+                                 % (self.proc.popen.returncode, self.proc.output(),
+                                    self.logs()))
+        return True
+
+    def nginx_pids(self):
+        master = self.infos()["nginx:nginx"]["pid"]
+        pids = [master] + child_pids(master)
+        self.seen_pids.update(pids)
+        return pids
+
+    def logs(self, limit=3000):
+        text = []
+        log_dir = self.path("log")
+        for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else ():
+            with open(os.path.join(log_dir, name), "rb") as fh:
+                tail = fh.read()[-limit:].decode("utf-8", "replace")
+            text.append("== %s\n%s" % (name, tail))
+        return "\n".join(text)
+
+    def ctl(self, *args):
+        """`supervisorctl -c supervisord.conf ARGS` run from the site, as the docs say."""
+        done = subprocess.run([os.path.join(os.path.dirname(SUPERVISORD), "supervisorctl"),
+                               "-c", os.path.join(ROOT, "supervisord.conf")] + list(args),
+                              cwd=self.site, env=self.env, capture_output=True, text=True,
+                              timeout=20)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def stop(self):
+        """SIGTERM supervisord (as Ctrl-C/`kill` would) and return its exit code."""
+        return self.proc.stop(timeout=30)
+
+    def cleanup(self):
+        """Teardown after a failure: stop the tree, then kill any pid of it still alive."""
+        if self.proc.popen is not None and self.proc.alive():
+            self.proc.stop(timeout=30)
+        for pid in self.seen_pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    t = Tree(tmp_path, WORKERS)
+    sock = t.path("supervisor.sock")
+    assert len(sock) < 100, "unix socket path too long for AF_UNIX: %s" % sock
+    yield t
+    print(t.logs())  # shown by pytest only when the test failed
+    t.cleanup()
+
+
+def write_routes(path, table):
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(table, fh)
+    os.replace(path + ".tmp", path)  # a worker reloading now never reads half a file
+
+
+def track_body(token, insert_id, **props):
+    record = {"event": "deploy test", "properties": dict(
+        props, token=token, distinct_id="d", **{"$insert_id": insert_id})}
+    return {"data": base64.b64encode(json.dumps(record).encode()).decode()}
+
+
+def post_form(url, fields, headers=None):
+    body = urllib.parse.urlencode(fields).encode()
+    req = urllib.request.Request(url, data=body, headers=dict(headers or {}))
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status, resp.read()
+
+
+class Senders:
+    """SENDERS threads, each an SDK client with its own Consumer, tracking unique events."""
+
+    def __init__(self, base_url):
+        self.base_url = base_url
+        self.lock = threading.Lock()
+        self.acked = []
+        self.failed = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                        for n in range(SENDERS)]
+
+    def _client(self):
+        b = self.base_url
+        # http:// URLs: the SDK's own retries are mounted for https:// only, so a
+        # failure here is one nginx did not absorb.
+        consumer = mixpanel.Consumer(events_url=b + "/track", people_url=b + "/engage",
+                                     groups_url=b + "/groups", import_url=b + "/import",
+                                     request_timeout=10, retry_limit=0)
+        return mixpanel.Mixpanel(TOKEN, consumer=consumer)
+
+    def _run(self, n):
+        mp = self._client()
+        i = 0
+        while not self.stop.is_set():
+            insert_id = "deploy-%d-%06d" % (n, i)
+            i += 1
+            try:
+                mp.track("user-%d" % n, "deploy test", {"$insert_id": insert_id, "n": i})
+            except mixpanel.MixpanelException as exc:
+                with self.lock:
+                    self.failed.append((insert_id, str(exc)))
+                continue
+            with self.lock:
+                self.acked.append(insert_id)
+
+    def count(self):
+        with self.lock:
+            return len(self.acked)
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=15)
+        assert not any(t.is_alive() for t in self.threads), "a sender thread hung"
+
+
+def probe_xff_and_long_url(tree):
+    """Two requests the defaults of nginx would break; returns their insert_ids."""
+    record = {"event": "probe", "properties": {"token": TOKEN, "distinct_id": "p",
+                                               "$insert_id": "deploy-probe-xff"}}
+    data = base64.b64encode(json.dumps(record).encode()).decode()
+    status, body = post_form(tree.base_url + "/track?ip=1", {"data": data},
+                             headers={"X-Forwarded-For": "203.0.113.7"})
+    assert (status, body.strip()) == (200, b"1")
+    # A 30 kB URL: nginx's default 8 kB header buffer would answer 414.
+    record["properties"].update({"$insert_id": "deploy-probe-long", "pad": "x" * 20000})
+    query = urllib.parse.urlencode({"data": base64.b64encode(json.dumps(record).encode())})
+    with urllib.request.urlopen(tree.base_url + "/track?" + query, timeout=10) as resp:
+        assert (resp.status, resp.read().strip()) == (200, b"1")
+    return {"deploy-probe-xff", "deploy-probe-long"}
+
+
+def reload_routes_everywhere(tree):
+    """Reroute one token, SIGHUP the workers as the docs say, and see every one obey."""
+    before = {n: i["pid"] for n, i in tree.infos().items() if n.startswith("ingest-worker:")}
+    write_routes(tree.routes, {"tokens": {"deploy-rerouted": {"track": "deploy_rerouted"}}})
+    out = tree.ctl("signal", "HUP", "ingest-worker:*")
+    assert out.count(": signalled") == tree.workers, out
+    with Client([tree.queue_address]) as client:
+        for slot in range(tree.workers):
+            # Straight to each worker's own port, until its table has the new route; a
+            # record sent before the reload lands on `events`, already checked above.
+            url = "http://127.0.0.1:%d/track" % (tree.worker_base + slot)
+            ids = ("hup-%d-%d" % (slot, n) for n in itertools.count())
+
+            def rerouted():
+                insert_id = next(ids)
+                post_form(url, track_body("deploy-rerouted", insert_id))
+                item = client.get("deploy_rerouted", timeout=200)
+                if item is None:
+                    return False  # not reloaded yet: this one went to `events`
+                assert json.loads(item)["properties"]["$insert_id"] == insert_id
+                return True
+
+            wait_until(rerouted, timeout=10, message="worker slot %d reloading routes" % slot)
+        # Through nginx (and the browser SDK's trailing-slash path) it now always reroutes.
+        status, _ = post_form(tree.base_url + "/track/", track_body("deploy-rerouted", "hup-n"))
+        assert status == 200
+        item = client.get("deploy_rerouted", timeout=2000)
+        assert item is not None and json.loads(item)["properties"]["$insert_id"] == "hup-n"
+    after = {n: i["pid"] for n, i in tree.infos().items() if n.startswith("ingest-worker:")}
+    assert after == before, "SIGHUP must reload, not restart: %r -> %r" % (before, after)
+
+
+def rotate_access_log(tree):
+    """The documented rotation: move the file, USR1 to nginx, and it writes a new one."""
+    log = tree.path("log", "access.log")
+    os.rename(log, log + ".1")
+    assert "nginx: signalled" in tree.ctl("signal", "USR1", "nginx")
+
+    def logging_to_new_file():
+        # The master creates the file at once; its worker processes switch a moment later.
+        with urllib.request.urlopen(tree.base_url + "/ready", timeout=5) as resp:
+            assert resp.status == 200
+        return os.path.exists(log) and os.path.getsize(log) > 0
+
+    wait_until(logging_to_new_file, timeout=5, message="nginx writing the new access.log")
+    return log + ".1"
+
+
+def kill_worker_and_wait_restart(tree, name="ingest-worker:ingest-worker_00"):
+    old = tree.infos()[name]["pid"]
+    os.kill(old, signal.SIGKILL)
+
+    def restarted():
+        info = tree.infos()[name]
+        return info["statename"] == "RUNNING" and info["pid"] not in (0, old) and info["pid"]
+
+    new = wait_until(restarted, timeout=15, message="supervisord restarting %s" % name)
+    return old, new
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_tree_survives_a_killed_worker_and_stops_cleanly(tree):
+    tree.start()
+    probes = probe_xff_and_long_url(tree)
+
+    senders = Senders(tree.base_url)
+    senders.start()
+    try:
+        wait_until(lambda: senders.count() >= 150, timeout=20, message="150 acked events")
+        old, new = kill_worker_and_wait_restart(tree)
+        wait_until(lambda: port_open("127.0.0.1", tree.worker_base), timeout=10,
+                   message="restarted worker listening")
+        after_restart = senders.count()
+        wait_until(lambda: senders.count() >= after_restart + 150, timeout=20,
+                   message="150 more acked events after the restart")
+    finally:
+        senders.finish()
+    assert senders.failed == [], "requests failed despite nginx retries: %r" % senders.failed[:5]
+    assert old != new
+
+    # Every acknowledged event is on the queue (duplicates allowed: at-least-once).
+    records = read_until_empty(tree.queue_address, "events", idle_ms=500, timeout_s=30)
+    landed = [r["properties"].get("$insert_id") for r in records]
+    missing = (set(senders.acked) | probes) - set(landed)
+    assert not missing, "%d acknowledged events missing, e.g. %r" % (len(missing),
+                                                                    sorted(missing)[:5])
+    assert set(landed) <= set(senders.acked) | probes, "events nobody sent landed"
+    by_id = {r["properties"]["$insert_id"]: r for r in records}
+    assert by_id["deploy-probe-xff"]["properties"]["ip"] == "203.0.113.7"
+
+    rotated = rotate_access_log(tree)
+    reload_routes_everywhere(tree)  # its request through nginx goes to the new access.log
+
+    # Stop the whole tree the way Ctrl-C / SIGTERM does; nothing of it may survive.
+    pids = set(tree.nginx_pids()) | {i["pid"] for i in tree.infos().values()} | {tree.proc.pid}
+    assert len(pids) >= WORKERS + 4  # supervisord, queue, workers, nginx master + worker(s)
+    assert tree.stop() == 0, tree.proc.output()
+    wait_until(lambda: not any(pid_alive(p) for p in pids | tree.seen_pids), timeout=10,
+               message="every process of the tree gone")
+
+    # The replay log has one line per request nginx answered, with the POST bodies.
+    with open(rotated, encoding="utf-8") as fh:
+        lines = [json.loads(line) for line in fh]
+    with open(tree.path("log", "access.log"), encoding="utf-8") as fh:
+        after = [json.loads(line) for line in fh]
+    assert after and all(x["uri"] in ("/ready", "/track/") for x in after), after
+    posts = [x for x in lines if x["method"] == "POST" and x["uri"] == "/track"]
+    assert len(posts) == len(senders.acked)  # the probes went to /track?...
+    assert all(x["status"] == 200 and x["body"].startswith("data=") for x in posts)
+    assert any("%22deploy-0-000000%22" in x["body"] for x in posts)
+
+
+def render(tmp_path, workers, **env):
+    """Run `launch.py render-nginx` (render + `nginx -t`) and return the rendered text."""
+    env = clean_env(INGEST_WORKERS=workers, INGEST_NGINX=NGINX, **env)
+    done = subprocess.run([sys.executable, LAUNCH, "render-nginx"], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == os.path.join(str(tmp_path), "var", "nginx", "nginx.conf")
+    with open(done.stdout.strip(), encoding="utf-8") as fh:
+        return fh.read()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 7, 64])
+def test_rendered_nginx_conf_lists_every_slot_and_passes_nginx_t(tmp_path, workers):
+    text = render(tmp_path, workers, INGEST_WORKER_BASE_PORT=9100, INGEST_PORT=18080)
+    servers = [line.split()[1] for line in text.splitlines()
+               if line.strip().startswith("server 127.0.0.1:")]
+    assert servers == ["127.0.0.1:%d" % (9100 + i) for i in range(workers)]
+    assert "listen 0.0.0.0:18080 " in text
+
+
+def test_rendered_nginx_conf_follows_the_worker_limits(tmp_path):
+    text = render(tmp_path, 2, INGEST_MAX_BODY_BYTES=2000000,
+                  INGEST_MAX_REQUEST_LINE_BYTES=32768, INGEST_LISTEN="127.0.0.1")
+    assert "client_max_body_size 2000000;" in text
+    assert "client_body_buffer_size 2000000;" in text
+    assert "large_client_header_buffers 4 32768;" in text
+    assert "listen 127.0.0.1:8080 " in text
+    assert "@@" not in text
+    # Started as root, nginx's workers run as var/'s owner, so they can reopen the logs.
+    users = re.findall(r"(?m)^user (\S+) (\S+);$", text)
+    assert users == ([(pwd.getpwuid(os.stat(tmp_path).st_uid).pw_name,
+                       grp.getgrgid(os.stat(tmp_path).st_gid).gr_name)]
+                     if os.geteuid() == 0 else [])
+
+
+def raw_request(port, head):
+    """Send `head` (request line, headers, maybe a body) -> (status line, headers, body).
+
+    Reads by Content-Length: after a 413 nginx keeps the connection open for a while to
+    discard the body that never comes, so waiting for EOF would stall.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head.encode("ascii"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536) or _eof(data)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += s.recv(65536) or _eof(data + body)
+    return head, body
+
+
+def _eof(data):
+    raise AssertionError("connection closed mid-response: %r" % data)
+
+
+def test_nginx_answers_its_own_errors_in_the_api_shape(tmp_path):
+    """No worker listening: 503 + Retry-After in JSON (SDKs retry); body over the limit: 413."""
+    port, base = free_port(), free_port_run(2)
+    env = clean_env(INGEST_WORKERS=2, INGEST_PORT=port, INGEST_LISTEN="127.0.0.1",
+                    INGEST_WORKER_BASE_PORT=base, INGEST_NGINX=NGINX, INGEST_NGINX_WAIT_S=0)
+    nginx = Proc("nginx", [sys.executable, LAUNCH, "nginx"], str(tmp_path / "logs"), env=env,
+                 cwd=str(tmp_path))
+    nginx.start().wait_port("127.0.0.1", port)
+    workers = child_pids(nginx.pid)
+    try:
+        head, body = raw_request(port, "POST /track HTTP/1.1\r\nHost: x\r\n"
+                                       "Content-Type: application/x-www-form-urlencoded\r\n"
+                                       "Content-Length: 6\r\n\r\ndata=x")
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert b"\r\nRetry-After: 1\r\n" in head + b"\r\n"
+        assert json.loads(body) == {"status": 0, "error": "no worker available"}
+
+        head, body = raw_request(port, "POST /track HTTP/1.1\r\nHost: x\r\n"
+                                       "Content-Length: %d\r\n\r\n" % (10 * 1024 * 1024 + 1))
+        assert head.startswith(b"HTTP/1.1 413 "), head
+        assert json.loads(body) == {"status": 0, "error": "request body too large"}
+    finally:
+        assert nginx.stop() == 0, nginx.output()
+    wait_until(lambda: not any(pid_alive(p) for p in workers), timeout=5,
+               message="nginx worker processes gone")
