@@ -373,10 +373,15 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
             return respond(environ, start_response, 405,
                            _json({"status": 0, "error": "method not allowed"}), _JSON,
                            (("Allow", "GET, POST, OPTIONS"),))
-        if state.in_flight >= max_in_flight:
-            count("request_error", endpoint, "overloaded")
+        if state.in_flight >= max_in_flight or state.draining:
+            # Draining: a request read now arrived on a connection the server is shutting,
+            # so its answer may never be delivered; storing it would only make a duplicate
+            # of the client's retry.  Requests already in flight finish normally.
+            reason = "draining" if state.draining else "overloaded"
+            count("request_error", endpoint, reason)
             return respond(environ, start_response, 503,
-                           _json({"status": 0, "error": "server busy; retry"}), _JSON,
+                           _json({"status": 0, "error": "server %s; retry" % (
+                               "shutting down" if state.draining else "busy")}), _JSON,
                            (("Retry-After", "1"),))
         state.in_flight += 1
         try:

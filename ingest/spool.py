@@ -221,8 +221,9 @@ class Forwarder:
         return bool(self.spool.closed_segments()) or self.spool._active_size > 0
 
     def forward_once(self):
-        """Forward everything spooled so far.  Returns True when the spool is empty,
-        False when Kestrel refused (try again later)."""
+        """Forward every closed segment (sealing the active one first when it is the only
+        one with data).  True when all of them went through, False when Kestrel refused
+        (try again later); records appended meanwhile wait for the next call."""
         if not self.spool.closed_segments():
             self.spool.seal_active()
         for seq in self.spool.closed_segments():

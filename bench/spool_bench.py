@@ -1,0 +1,242 @@
+"""The cost of the spool path and the time to forward a big spool (issue 5's numbers).
+
+Stand-alone script, not a test.
+
+(a) Spool path cost: one `ingest serve` pinned to core 0 (taskset -c 0) receives /track
+    load from this process pinned to core 1 (threads over keep-alive http.client, see
+    tests/support/load.py): single-event GETs and 50-event form POSTs, each for a fixed
+    time.  Four worker set-ups in the same run: Kestrel up (a bundled `ingest queue
+    --sync-ms 100`; with two cores it must share one, so it is measured both beside the
+    load on core 1 and beside the worker on core 0), Kestrel down with --spool-sync-ms 0
+    (fsync before answering) and Kestrel down with --spool-sync-ms 100.  Prints
+    acknowledged events/s and the ratio to the first Kestrel-up figure, and the worker's
+    CPU time per acknowledged event (from /proc; steadier than events/s on a busy
+    machine): medians of --rounds interleaved runs (the load average is printed).
+(b) Forwarding: builds a spool of 1,000,000 records (~250 bytes of JSON each, like a
+    cleaned event) in-process with ingest.spool.Spool.append, then times `ingest spool
+    forward DIR --kestrel ...` (core 0) into a fresh `ingest queue --sync-ms 100` (core 1)
+    and checks the queue holds every record.
+
+Bounded: fixed durations and counts, a cap on every wait (the whole run takes about two
+minutes); every process it starts is stopped by pid; temporary directories (on disk under
+/var/tmp, not tmpfs, so fsync costs what it costs) are removed.  Loopback only.  Usage:
+
+    .venv/bin/python bench/spool_bench.py [--seconds 3] [--rounds 3] [--threads 8]
+                                          [--records 1000000] [--skip-a] [--skip-b]
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ingest.kestrel import Client  # noqa: E402
+from ingest.spool import Spool  # noqa: E402
+from tests.support.load import Load  # noqa: E402
+from tests.support.procs import free_port, port_open  # noqa: E402
+
+WORKER_CORE, LOAD_CORE = 0, 1
+FORWARD_CAP_S = 120.0
+
+
+class Child:
+    """One pinned child process with its output in a log file; stopped by pid."""
+
+    def __init__(self, argv, core, log_path):
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(["taskset", "-c", str(core)] + argv, stdout=self.log,
+                                     stderr=self.log, cwd=ROOT)
+
+    def wait_port(self, port, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while not port_open("127.0.0.1", port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("child did not listen on %d (see %s)" % (port, self.log.name))
+            time.sleep(0.02)  # poll interval
+        return self
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+        return self.proc.returncode
+
+
+def ingest(*args):
+    return [sys.executable, "-W", "ignore", "-m", "ingest"] + [str(a) for a in args]
+
+
+def start_queue(work, name, sync_ms=100, core=LOAD_CORE):
+    port = free_port()
+    data = os.path.join(work, name)
+    os.makedirs(data)
+    child = Child(ingest("queue", "--host", "127.0.0.1", "--port", port, "--data", data,
+                         "--sync-ms", sync_ms), core, data + ".log")
+    return child.wait_port(port), "127.0.0.1:%d" % port
+
+
+def start_worker(work, name, kestrel, extra=()):
+    port = free_port()
+    child = Child(ingest("serve", "--host", "127.0.0.1", "--port", port, "--kestrel", kestrel,
+                         *extra), WORKER_CORE, os.path.join(work, name + ".log"))
+    return child.wait_port(port), port
+
+
+def measure(port, seconds, threads, batch, prefix):
+    result = Load("127.0.0.1", port, threads=threads, max_requests=10 ** 7,
+                  duration_s=seconds, batch=batch, prefix=prefix).run()
+    if result.malformed or result.count("truncated") or result.count(503):
+        print("   note: %s" % result.summary())
+    return result.events_per_s(), result
+
+
+def spool_path_cost(work, seconds, threads, rounds):
+    print("(a) spool path cost: worker on core %d, load (%d threads) on core %d; %d rounds of"
+          " %.0f s per cell, median shown; load average before: %s"
+          % (WORKER_CORE, threads, LOAD_CORE, rounds, seconds, load_average()))
+    # Two cores only: the queue server shares a core with either the load or the worker;
+    # both are measured, since either placement flatters one side.
+    queue, address = start_queue(work, "queue-a")
+    queue0, address0 = start_queue(work, "queue-a0", core=WORKER_CORE)
+    dead = "127.0.0.1:%d" % free_port()          # nothing listens here
+    setups = [("kestrel up (queue on core %d)" % LOAD_CORE, address, []),
+              ("kestrel up (queue on core %d)" % WORKER_CORE, address0, []),
+              ("kestrel down, spool sync 0", dead, ["--spool-sync-ms", "0"]),
+              ("kestrel down, spool sync 100", dead, ["--spool-sync-ms", "100"])]
+    kinds = (("GET 1 event", 1), ("POST 50 events", 50))
+    workers, samples, cpu_us = [], {}, {}
+    try:
+        for i, (name, kestrel, extra) in enumerate(setups):
+            spool_dir = os.path.join(work, "spool-a%d" % i)
+            workers.append(start_worker(work, "worker-a%d" % i, kestrel,
+                                        ["--spool", spool_dir] + extra))
+        # Rounds interleave the set-ups, so a burst of other work on the machine does not
+        # land on one set-up only.
+        for r in range(rounds):
+            for i, (name, _, _) in enumerate(setups):
+                for kind, batch in kinds:
+                    cpu_before = cpu_seconds(workers[i][0].proc.pid)
+                    eps, result = measure(workers[i][1], seconds, threads, batch,
+                                          "b%d-%d-%d" % (r, i, batch))
+                    cpu = cpu_seconds(workers[i][0].proc.pid) - cpu_before
+                    samples.setdefault((name, kind), []).append(eps)
+                    cpu_us.setdefault((name, kind), []).append(
+                        cpu * 1e6 / max(1, result.acked_count))
+    finally:
+        for worker, _ in workers:
+            worker.stop()
+        queue.stop()
+        queue0.stop()
+    print("   %-32s %-15s %10s %8s %14s   %s" % ("set-up", "requests", "events/s", "ratio",
+                                                  "worker CPU/ev", "samples (events/s)"))
+    for (name, kind), values in samples.items():
+        base = statistics.median(samples[(setups[0][0], kind)])
+        med = statistics.median(values)
+        print("   %-32s %-15s %10.0f %8.2f %11.1f us   %s" % (
+            name, kind, med, med / base, statistics.median(cpu_us[(name, kind)]),
+            " ".join("%.0f" % v for v in values)))
+    print("   load average after: %s" % load_average())
+    return samples
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (from /proc, in seconds)."""
+    with open("/proc/%d/stat" % pid) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average():
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def event_payload(i):
+    record = {"event": "page_view", "properties": {
+        "token": "bench-token", "$insert_id": "fwd-%09d" % i, "distinct_id": "user-%d" % (i % 5000),
+        "time": 1795660000.123 + i / 1000.0, "mp_processing_time_ms": 1795660000123 + i,
+        "$current_url": "https://example.com/pricing", "plan": "pro"}}
+    return json.dumps(record, separators=(",", ":")).encode("utf-8")
+
+
+def build_spool(directory, records, batch=1000):
+    started = time.monotonic()
+    # sync_ms large: the bench builds the spool as fast as the disk takes it; the
+    # forwarding figure is what is measured.
+    spool = Spool(directory, sync_ms=10 ** 9, max_bytes=1 << 40)
+    for start in range(0, records, batch):
+        spool.append([("events", event_payload(i))
+                      for i in range(start, min(records, start + batch))])
+    spool.close()
+    size = sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory))
+    return time.monotonic() - started, size
+
+
+def queue_depth(address, queue="events"):
+    with Client([address]) as client:
+        stats = client.stats()[address]
+    info = (stats or {}).get("queues", {}).get(queue, {})
+    return int(info.get("items", 0))
+
+
+def forward_time(work, records):
+    print("(b) forwarding a spool of %d records: `ingest spool forward` on core %d,"
+          " `ingest queue --sync-ms 100` on core %d; load average before: %s"
+          % (records, WORKER_CORE, LOAD_CORE, load_average()))
+    spool_dir = os.path.join(work, "spool-b")
+    built_s, size = build_spool(spool_dir, records)
+    segs = len([n for n in os.listdir(spool_dir) if n.endswith(".seg")])
+    print("   built: %d bytes in %d segments in %.1f s" % (size, segs, built_s))
+    queue, address = start_queue(work, "queue-b")
+    try:
+        started = time.monotonic()
+        run = subprocess.run(["taskset", "-c", str(WORKER_CORE)]
+                             + ingest("spool", "forward", spool_dir, "--kestrel", address),
+                             capture_output=True, timeout=FORWARD_CAP_S, cwd=ROOT)
+        took = time.monotonic() - started
+        depth = queue_depth(address)
+    finally:
+        queue.stop()
+    left = [n for n in os.listdir(spool_dir) if n.endswith(".seg")]
+    print("   forward exit %d in %.1f s: %.0f records/s, %.1f MB/s; queue depth %d; segments"
+          " left %d" % (run.returncode, took, records / took, size / took / 1e6, depth, len(left)))
+    print("   " + run.stdout.decode().strip())
+    if run.returncode != 0 or depth != records or left:
+        print("   FAILED: " + run.stderr.decode()[-2000:])
+    return took, depth
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--records", type=int, default=1000000)
+    parser.add_argument("--skip-a", action="store_true")
+    parser.add_argument("--skip-b", action="store_true")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {LOAD_CORE})
+    work = tempfile.mkdtemp(prefix="spool-bench-", dir="/var/tmp")
+    try:
+        if not args.skip_a:
+            spool_path_cost(work, args.seconds, args.threads, args.rounds)
+        if not args.skip_b:
+            forward_time(work, args.records)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
