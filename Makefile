@@ -60,5 +60,9 @@ unit: venv-dev
 integration: venv-dev nginx chromium js
 	$(PY) -m pytest -q tests/integration
 
+# Load test: hello-world baseline and a worker pinned to one core, ratio in the same run.
+bench: venv-dev
+	$(PY) -m bench.run_all --rounds 3
+
 clean:
 	rm -rf $(VENV) tests/js/node_modules var bench/out

@@ -1,0 +1,391 @@
+"""Turn raw replay runs into report.json, report.md and PNG plots.
+
+Input is what bench.replay.run_load returns (per-second buckets of raw latencies, status
+and error counts, CPU figures); output is a directory:
+
+  report.json         figures for the server under test, `baseline` for the hello-world
+                      run of the same invocation and `ratio` = target / baseline
+  report.md           the same, for people
+  throughput.png      requests/s per second
+  latency.png         p50 / p90 / p99 per second (log scale)
+  latency_hist.png    distribution of all latencies (log-spaced bins)
+
+This module computes and draws; it never sends a request.  matplotlib runs on the Agg
+backend, so it works without a display.
+"""
+import json
+import os
+
+import numpy as np
+
+# A load generator process above this share of one core is probably the bottleneck.
+BUSY_CORE_SHARE = 0.90
+# More than this many cores' worth of CPU used by other processes disturbs the figures.
+OTHER_LOAD_CORES = 0.25
+PLOTS = ("throughput.png", "latency.png", "latency_hist.png")
+
+
+def _ms(seconds):
+    return round(float(seconds) * 1000.0, 3)
+
+
+def _percentiles(values):
+    if len(values) == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    a = np.asarray(values)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": _ms(p50), "p90": _ms(p90), "p99": _ms(p99), "max": _ms(a.max()),
+            "mean": _ms(a.mean())}
+
+
+def _series(run):
+    out = []
+    seconds = run["seconds"]
+    for i, sec in enumerate(seconds):
+        # The last bucket covers the rest of the run, including requests that were in
+        # flight at the deadline, so its rate uses its real length.
+        span = 1.0 if i < len(seconds) - 1 else max(run["elapsed_s"] - (sec.t - 1), 1e-3)
+        lat = _percentiles(np.frombuffer(sec.latencies, dtype="d"))
+        out.append({"t": sec.t, "requests": sec.requests, "errors": sec.error_count,
+                    "rps": round(sec.requests / span, 1), "p50_ms": lat["p50"],
+                    "p90_ms": lat["p90"], "p99_ms": lat["p99"], "max_ms": lat["max"]})
+    return out
+
+
+def all_latencies(run):
+    if not run["seconds"]:
+        return np.zeros(0)
+    return np.concatenate([np.frombuffer(s.latencies, dtype="d") for s in run["seconds"]])
+
+
+def _merge_counts(dicts):
+    total = {}
+    for d in dicts:
+        for k, n in d.items():
+            total[str(k)] = total.get(str(k), 0) + n
+    return dict(sorted(total.items()))
+
+
+def _cpu(run):
+    elapsed = run["elapsed_s"]
+    shares = [round((c["user_s"] + c["system_s"]) / elapsed, 3) for c in run["children"]]
+    cpu_s = sum(c["user_s"] + c["system_s"] for c in run["children"])
+    requests = sum(c["requests"] for c in run["children"])
+    return {"processes": len(shares), "user_s": round(sum(c["user_s"] for c in run["children"]), 3),
+            "system_s": round(sum(c["system_s"] for c in run["children"]), 3),
+            # Includes process start-up (imports, connecting): an upper bound per request.
+            "us_per_request": round(cpu_s / requests * 1e6, 1) if requests else None,
+            "core_share_per_process": shares,
+            "max_core_share": max(shares) if shares else 0.0,
+            "cpus": run["config"]["cpus"]}
+
+
+def summarize(run):
+    """One run -> the JSON-ready figures (no raw samples)."""
+    cfg = run["config"]
+    series = _series(run)
+    # Each process's own request counter, independent of the per-second buckets.
+    requests = sum(c["requests"] for c in run["children"])
+    errors = sum(s["errors"] for s in series)
+    status = _merge_counts(s.status for s in run["seconds"])
+    error_kinds = _merge_counts(s.errors for s in run["seconds"])
+    error_kinds.update({"status_%s" % k: n for k, n in status.items() if int(k) >= 500})
+    summary = {
+        "label": run["label"], "url": "http://%s:%d" % (cfg["host"], cfg["port"]),
+        "processes": cfg["processes"], "concurrency": cfg["concurrency"],
+        "duration_s": cfg["duration_s"], "rate_target": cfg["rate"],
+        "elapsed_s": round(run["elapsed_s"], 3),
+        "requests": requests, "errors": errors, "error_kinds": error_kinds,
+        "status_counts": status,
+        "rps": _rate(requests, run["elapsed_s"]),
+        # Answers without error per second: what the ratio compares, since a refused
+        # connection is "fast" but not served.
+        "ok_rps": _rate(requests - errors, run["elapsed_s"]),
+        "latency_ms": _percentiles(all_latencies(run)),
+        "series": series,
+        "connections_opened": sum(c.get("connects", 0) for c in run["children"]),
+        "connect_errors_at_start": run.get("connect_errors", 0),
+        "loadgen_cpu": _cpu(run),
+        "server_cpu_core_share": (round(run["server_cpu_core_share"], 3)
+                                  if "server_cpu_core_share" in run else None),
+        "cores_busy": run.get("cores_busy", {}),
+        "helpers_cpu_core_share": (round(run["helpers_cpu_core_share"], 3)
+                                   if "helpers_cpu_core_share" in run else None),
+    }
+    # Server CPU per answered request: steadier than requests/s when other processes
+    # compete for the server's core, since it does not count time spent descheduled.
+    share, ok = summary["server_cpu_core_share"], requests - errors
+    summary["server_cpu_us_per_request"] = (round(share * run["elapsed_s"] / ok * 1e6, 1)
+                                            if share is not None and ok else None)
+    summary["warnings"] = _warnings(summary)
+    if requests != sum(x["requests"] for x in series):
+        summary["warnings"].append("bug: the per-second series holds %d requests, the "
+                                   "processes counted %d" % (sum(x["requests"] for x in series),
+                                                             requests))
+    return summary
+
+
+def _rate(count, elapsed_s):
+    return round(count / elapsed_s, 1) if elapsed_s else 0.0
+
+
+def _other_load(s):
+    """Cores' worth of CPU used by processes other than the server and the load generator."""
+    if not s["cores_busy"] or s["server_cpu_core_share"] is None:
+        return None
+    ours = (s["server_cpu_core_share"] + sum(s["loadgen_cpu"]["core_share_per_process"])
+            + (s["helpers_cpu_core_share"] or 0.0))
+    return sum(s["cores_busy"].values()) - ours
+
+
+def _warnings(s):
+    warns = []
+    cpu = s["loadgen_cpu"]
+    if cpu["max_core_share"] >= BUSY_CORE_SHARE:
+        warns.append("load generator is the bottleneck: a replay process used %.0f%% of a core "
+                     "(add --processes or cores; the server's figures are a lower bound)"
+                     % (cpu["max_core_share"] * 100))
+    server = s["server_cpu_core_share"]
+    if server is not None and server < 0.85 and s["rate_target"] is None:
+        warns.append("server used only %.0f%% of a core in a closed-loop run: something else "
+                     "limited the throughput (the load generator, the queue behind the "
+                     "server, or another process on its core)" % (server * 100))
+    others = _other_load(s)
+    if others is not None and others > OTHER_LOAD_CORES:
+        warns.append("other processes used about %.1f cores during the run (all cores busy: "
+                     "%s): the figures are disturbed, measure again on a quiet machine"
+                     % (others, ", ".join("%.0f%%" % (v * 100) for v in s["cores_busy"].values())))
+    if s["rate_target"] and s["rps"] < 0.95 * s["rate_target"]:
+        warns.append("offered rate not reached: %.0f of %.0f requests/s"
+                     % (s["rps"], s["rate_target"]))
+    if s["requests"] and s["errors"] / s["requests"] > 0.01:
+        warns.append("%.1f%% of requests failed" % (100.0 * s["errors"] / s["requests"]))
+    return warns
+
+
+def _ratio(target, baseline):
+    def div(a, b):
+        return round(a / b, 3) if a is not None and b else None
+    return {"ok_rps": div(target["ok_rps"], baseline["ok_rps"]),
+            "latency_p50": div(target["latency_ms"]["p50"], baseline["latency_ms"]["p50"]),
+            "latency_p99": div(target["latency_ms"]["p99"], baseline["latency_ms"]["p99"]),
+            # hello's CPU per request / the target's: the throughput ratio if both were CPU-bound
+            "cpu_per_request": div(baseline["server_cpu_us_per_request"],
+                                   target["server_cpu_us_per_request"])}
+
+
+def build(runs, meta):
+    """runs: {'target': run, optional 'baseline': run} -> the report.json document."""
+    doc = summarize(runs["target"])
+    doc["meta"] = meta
+    if "baseline" in runs:
+        doc["baseline"] = summarize(runs["baseline"])
+        doc["ratio"] = _ratio(doc, doc["baseline"])
+        doc["warnings"] += ["baseline: " + w for w in doc["baseline"]["warnings"]]
+    return doc
+
+
+def write_all(out_dir, runs, meta):
+    doc = build(runs, meta)
+    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    plot_all(out_dir, runs, doc)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(markdown(doc))
+    return doc
+
+
+# ==== text ===============================================================================
+
+def _fmt(v, digits=2):
+    return "-" if v is None else ("%.*f" % (digits, v))
+
+
+def _row(name, s):
+    lat = s["latency_ms"]
+    cpu = s["loadgen_cpu"]
+    server = s["server_cpu_core_share"]
+    return ("| %s | %s | %d | %d | %.0f | %.0f | %s | %s | %s | %s | %s | %s |"
+            % (name, s["url"], s["requests"], s["errors"], s["rps"], s["ok_rps"], _fmt(lat["p50"]),
+               _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(lat["max"]),
+               "%.0f%%" % (cpu["max_core_share"] * 100),
+               "-" if server is None else "%.0f%%" % (server * 100)))
+
+
+def markdown(doc):
+    meta = doc["meta"]
+    mode = ("open loop, %.0f requests/s offered" % doc["rate_target"] if doc["rate_target"]
+            else "closed loop (as fast as the server answers)")
+    lines = ["# Replay report", "",
+             "- command: `%s`" % meta.get("command", ""),
+             "- log: `%s` (%d requests, %d lines skipped)"
+             % (meta.get("log"), meta.get("log_entries", 0), meta.get("log_skipped", 0)),
+             "- load: %d process(es) x %d green threads, %.0f s per server, %s"
+             % (doc["processes"], doc["concurrency"], doc["duration_s"], mode),
+             "- machine: %s cores; load average %s before, %s after"
+             % (meta.get("cpu_count"), _load(meta.get("loadavg_before")),
+                _load(meta.get("loadavg_after")))]
+    lines += ["- %s" % n for n in meta.get("notes", [])]
+    lines += ["", "| run | url | requests | errors | req/s | ok req/s | p50 ms | p90 ms | p99 ms "
+                  "| max ms | loadgen CPU (max/process) | server CPU |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if "baseline" in doc:
+        lines.append(_row("baseline (eventlet hello-world)", doc["baseline"]))
+    lines.append(_row(doc["label"], doc))
+    if "ratio" in doc:
+        r = doc["ratio"]
+        lines += ["", "**Ratio target / baseline, same run:** throughput (ok req/s) %s, p50 latency %s, "
+                      "p99 latency %s; server CPU per request, baseline / target: %s "
+                      "(%s / %s us)." % (_fmt(r["ok_rps"], 3), _fmt(r["latency_p50"], 2),
+                                         _fmt(r["latency_p99"], 2), _fmt(r["cpu_per_request"], 3),
+                                         _fmt(doc["baseline"]["server_cpu_us_per_request"], 1),
+                                         _fmt(doc["server_cpu_us_per_request"], 1))]
+    for name, s in (("baseline", doc.get("baseline")), ("target", doc)):
+        if s is not None and s["cores_busy"]:
+            lines.append("")
+            lines.append("Cores busy during the %s run (all processes): %s" % (name, ", ".join(
+                "core %s %.0f%%" % (c, v * 100) for c, v in sorted(s["cores_busy"].items()))))
+    lines += ["", "Status counts (target): %s" % _counts(doc["status_counts"]),
+              "", "Errors (connection errors and 5xx; target): %s" % _counts(doc["error_kinds"])]
+    if doc["warnings"]:
+        lines += ["", "## Warnings", ""] + ["- %s" % w for w in doc["warnings"]]
+    lines += ["", "## Plots", "", "![throughput](throughput.png)", "",
+              "![latency](latency.png)", "", "![latency histogram](latency_hist.png)", ""]
+    return "\n".join(lines)
+
+
+def _load(values):
+    return "-" if not values else "/".join("%.2f" % v for v in values)
+
+
+def _counts(d):
+    return ", ".join("%s: %d" % kv for kv in d.items()) or "none"
+
+
+def console_summary(doc):
+    lines = []
+    for name, s in (("baseline", doc.get("baseline")), ("target", doc)):
+        if s is None:
+            continue
+        lat = s["latency_ms"]
+        lines.append("%-8s %s: %d requests, %d errors, %.0f req/s, p50 %s ms, p99 %s ms, "
+                     "loadgen CPU %.0f%%" % (name, s["url"], s["requests"], s["errors"], s["rps"],
+                                             _fmt(lat["p50"]), _fmt(lat["p99"]),
+                                             s["loadgen_cpu"]["max_core_share"] * 100))
+    if "ratio" in doc:
+        lines.append("ratio target/baseline: throughput %s" % _fmt(doc["ratio"]["ok_rps"], 3))
+    lines += ["WARNING: " + w for w in doc["warnings"]]
+    return "\n".join(lines)
+
+
+# ==== plots ==============================================================================
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _plain_log_axis(axis):
+    """Log scale with tick labels like 3, 10, 40 instead of 3x10^0."""
+    from matplotlib import ticker
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: "%g" % v))
+    axis.set_minor_formatter(ticker.FuncFormatter(_minor_label))
+
+
+def _minor_label(value, _pos):
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** np.floor(np.log10(value))
+    return "%g" % value if round(mantissa) in (2, 5) else ""
+
+
+def _seconds_axis(ax):
+    from matplotlib import ticker
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+
+
+def _labelled(doc):
+    """(legend label, summary, run key) for each run in the document, baseline first."""
+    out = []
+    if "baseline" in doc:
+        out.append(("baseline (hello-world)", doc["baseline"], "baseline"))
+    out.append((doc["label"], doc, "target"))
+    return out
+
+
+def plot_all(out_dir, runs, doc):
+    plt = _pyplot()
+    _plot_throughput(plt, doc, os.path.join(out_dir, PLOTS[0]))
+    _plot_latency(plt, doc, os.path.join(out_dir, PLOTS[1]))
+    _plot_histogram(plt, runs, doc, os.path.join(out_dir, PLOTS[2]))
+
+
+def _plot_throughput(plt, doc, path):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, s, _ in _labelled(doc):
+        ts = [p["t"] for p in s["series"]]
+        ax.plot(ts, [p["rps"] for p in s["series"]], marker="o", ms=3,
+                label="%s (mean %.0f req/s)" % (label, s["rps"]))
+        errs = [p["errors"] for p in s["series"]]
+        if any(errs):
+            ax.bar(ts, errs, alpha=0.4, label="%s errors/s" % label)
+    _seconds_axis(ax)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("requests/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_latency(plt, doc, path):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    styles = {"target": "-", "baseline": "--"}
+    for label, s, key in _labelled(doc):
+        ts = [p["t"] for p in s["series"]]
+        for pct, color in (("p50", "tab:blue"), ("p90", "tab:orange"), ("p99", "tab:red")):
+            values = [p[pct + "_ms"] for p in s["series"]]
+            ax.plot(ts, [np.nan if v is None else v for v in values], styles[key], color=color,
+                    label="%s %s" % (label, pct))
+    ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
+    _seconds_axis(ax)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("latency (ms, log scale)")
+    ax.set_title("Latency percentiles per second")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper right", fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_histogram(plt, runs, doc, path):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    samples = {key: all_latencies(runs[key]) * 1000.0 for _, _, key in _labelled(doc)}
+    nonempty = [a for a in samples.values() if len(a)]
+    if nonempty:
+        lo = max(min(a.min() for a in nonempty), 1e-3)
+        hi = max(a.max() for a in nonempty) * 1.01
+        bins = np.logspace(np.log10(lo), np.log10(max(hi, lo * 1.1)), 80)
+        for label, s, key in _labelled(doc):
+            if len(samples[key]):
+                ax.hist(samples[key], bins=bins, histtype="step", linewidth=1.5,
+                        label="%s (p50 %s ms, p99 %s ms)" % (label, _fmt(s["latency_ms"]["p50"]),
+                                                           _fmt(s["latency_ms"]["p99"])))
+        ax.set_xscale("log")
+        _plain_log_axis(ax.xaxis)
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("requests")
+    ax.set_title("Latency distribution")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,204 @@
+"""One command for the headline figure: worker vs bare eventlet, same run, pinned cores.
+
+    python -m bench.run_all [--out DIR] [--duration S] [--requests N] [--log FILE] ...
+
+What it does, on a 2-core machine:
+  core 0: the server under test, one at a time: first bench.hello (the bare eventlet
+          hello-world), then `ingest serve` (both started pinned with `taskset -c 0`; the
+          one not under load sits idle)
+  core 1: the load generator (bench.replay) and the bundled `ingest queue` the worker
+          writes to, so the worker's core does nothing but serve HTTP
+Then it prints the ratio worker/hello and leaves report.json, report.md and the plots in
+the output directory (one round-N/ directory per round with --rounds), plus
+queue_stats.json (what reached the queue) as a sanity check and, for the worker,
+summary.json with every round's ratio and their median.
+
+It only starts processes on 127.0.0.1 and stops each of them by pid when done.
+"""
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpu, argv):
+    if cpu is None or not shutil.which("taskset"):
+        return list(argv)
+    return ["taskset", "-c", str(cpu)] + list(argv)
+
+
+def start(name, argv, port, logdir):
+    """Start a server, wait (polling) until it accepts connections; returns the Popen."""
+    log = open(os.path.join(logdir, name + ".log"), "wb")
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            print("run_all: %s listening on %d (pid %d)" % (name, port, proc.pid), file=sys.stderr)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                raise SystemExit("run_all: %s did not start; see %s/%s.log" % (name, logdir, name))
+            time.sleep(0.02)  # poll interval
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="output directory (default bench/out/run-<time>)")
+    p.add_argument("--log", default=None, help="access log to replay (default: make one)")
+    p.add_argument("--requests", type=int, default=10000, help="size of the generated log")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--duration", type=float, default=15.0, help="seconds of load per server")
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=25)
+    p.add_argument("--rate", type=float, default=None, help="open-loop total requests/s")
+    p.add_argument("--server-cpu", type=int, default=0, help="core for the server under test")
+    p.add_argument("--loadgen-cpu", type=int, default=1, help="core for load generator + queue")
+    p.add_argument("--sync-ms", type=int, default=100, help="queue fsync period (ingest queue)")
+    p.add_argument("--hello-only", action="store_true", help="skip the worker")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat hello + worker this many times (round-N/ each); the median "
+                        "ratio is printed, which steadies figures on a shared machine")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = os.path.abspath(args.out or os.path.join(ROOT, "bench", "out",
+                                                   time.strftime("run-%Y%m%d-%H%M%S")))
+    os.makedirs(out, exist_ok=True)
+    py = sys.executable
+    log = args.log
+    if log is None:
+        log = os.path.join(out, "access.log")
+        subprocess.run([py, "-m", "bench.make_log", "--requests", str(args.requests),
+                        "--out", log, "--seed", str(args.seed)], cwd=ROOT, check=True)
+    queue_data = tempfile.mkdtemp(prefix="bench-queue-")
+    procs = []
+    try:
+        ports = _start_servers(args, py, out, queue_data, procs)
+        reports = []
+        for i in range(args.rounds):
+            round_out = out if args.rounds == 1 else os.path.join(out, "round-%d" % (i + 1))
+            reports.append(_replay(args, py, round_out, log, ports, seed=args.seed + i))
+        if not args.hello_only:
+            _queue_stats(py, ports["queue"], out)
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        shutil.rmtree(queue_data, ignore_errors=True)
+    _print_summary(args, out, reports)
+    return 0
+
+
+def _print_summary(args, out, reports):
+    print()
+    for i, report in enumerate(reports, 1):
+        base = report["baseline"]
+        line = ("round %d: hello-world %.0f req/s (p50 %s ms, p99 %s ms)"
+                % (i, base["ok_rps"], base["latency_ms"]["p50"], base["latency_ms"]["p99"]))
+        if not args.hello_only:
+            line += ("; worker %.0f req/s (p50 %s ms, p99 %s ms); ratio worker/hello %.3f, "
+                     "by server CPU per request %s"
+                     % (report["ok_rps"], report["latency_ms"]["p50"],
+                        report["latency_ms"]["p99"], report["ratio"]["ok_rps"],
+                        report["ratio"]["cpu_per_request"]))
+        print(line)
+    if not args.hello_only:
+        ratios = sorted(r["ratio"]["ok_rps"] for r in reports)
+        cpu_ratios = sorted(r["ratio"]["cpu_per_request"] or 0.0 for r in reports)
+        summary = {"ratios": ratios, "median_ratio": round(statistics.median(ratios), 3),
+                   "cpu_ratios": cpu_ratios,
+                   "median_cpu_ratio": round(statistics.median(cpu_ratios), 3),
+                   "worker_ok_rps": [r["ok_rps"] for r in reports],
+                   "hello_ok_rps": [r["baseline"]["ok_rps"] for r in reports]}
+        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)
+        print("ratio worker/hello, median of %d: throughput %.3f, server CPU per request %.3f"
+              % (len(ratios), summary["median_ratio"], summary["median_cpu_ratio"]))
+    print("reports under: %s" % out)
+
+
+def _start_servers(args, py, out, queue_data, procs):
+    ports = {"hello": free_port()}
+    procs.append(start("hello", pinned(args.server_cpu, [
+        py, "-m", "bench.hello", "--port", str(ports["hello"])]), ports["hello"], out))
+    ports["hello_pid"] = procs[-1].pid
+    if not args.hello_only:
+        ports["queue"], ports["worker"] = free_port(), free_port()
+        procs.append(start("queue", pinned(args.loadgen_cpu, [
+            py, "-m", "ingest", "queue", "--host", "127.0.0.1", "--port", str(ports["queue"]),
+            "--data", queue_data, "--sync-ms", str(args.sync_ms)]), ports["queue"], out))
+        ports["queue_pid"] = procs[-1].pid
+        procs.append(start("worker", pinned(args.server_cpu, [
+            py, "-m", "ingest", "serve", "--host", "127.0.0.1", "--port", str(ports["worker"]),
+            "--kestrel", "127.0.0.1:%d" % ports["queue"]]), ports["worker"], out))
+        ports["worker_pid"] = procs[-1].pid
+    return ports
+
+
+def _replay(args, py, out, log, ports, seed):
+    """One bench.replay invocation: the hello-world, then the worker; returns report.json."""
+    hello_url = "http://127.0.0.1:%d" % ports["hello"]
+    replay = [py, "-m", "bench.replay", "--log", log, "--out", out,
+              "--processes", str(args.processes), "--concurrency", str(args.concurrency),
+              "--duration", str(args.duration), "--cpus", str(args.loadgen_cpu),
+              "--baseline-url", hello_url, "--baseline-pid", str(ports["hello_pid"]),
+              "--seed", str(seed),
+              "--note", "servers pinned to core %d (taskset); load generator and queue "
+                        "pinned to core %d" % (args.server_cpu, args.loadgen_cpu),
+              "--note", "started by: python -m bench.run_all %s" % shlex.join(sys.argv[1:])]
+    if args.rate:
+        replay += ["--rate", str(args.rate)]
+    if args.hello_only:
+        # The hello server is both the baseline and the target: a self-check of the setup.
+        replay += ["--url", hello_url, "--server-pid", str(ports["hello_pid"]),
+                   "--label", "hello-world again"]
+    else:
+        replay += ["--url", "http://127.0.0.1:%d" % ports["worker"],
+                   "--server-pid", str(ports["worker_pid"]), "--label", "worker",
+                   "--helper-pid", str(ports["queue_pid"])]
+    subprocess.run(pinned(args.loadgen_cpu, replay), cwd=ROOT, check=True)
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _queue_stats(py, queue_port, out):
+    """What reached the queue: evidence that the worker did the whole job."""
+    res = subprocess.run([py, "-m", "ingest", "stats", "--kestrel", "127.0.0.1:%d" % queue_port,
+                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    with open(os.path.join(out, "queue_stats.json"), "w", encoding="utf-8") as fh:
+        fh.write(res.stdout if res.returncode == 0 else json.dumps({"error": res.stderr[-2000:]}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
