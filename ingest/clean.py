@@ -23,45 +23,52 @@ _OP_TYPES = {"$set": dict, "$set_once": dict, "$add": dict, "$append": dict, "$u
 class Context:
     """What cleaning needs from the request: arrival time, client IP, limits."""
 
-    __slots__ = ("now", "now_ms", "ip", "max_properties", "max_depth", "max_string")
+    __slots__ = ("now", "now_ms", "ip", "max_properties", "max_depth", "max_string",
+                 "long_strings")
 
-    def __init__(self, now, ip=None, max_properties=255, max_depth=20, max_string=65536):
+    def __init__(self, now, ip=None, max_properties=255, max_depth=20, max_string=65536,
+                 data_chars=None):
         self.now = now
         self.now_ms = int(now * 1000)
         self.ip = ip                      # set only when the request asked for ip=1
         self.max_properties = max_properties
         self.max_depth = max_depth        # nesting below the properties object
         self.max_string = max_string      # characters in one string value
+        # No string can be longer than the request's whole `data` text: when that is short
+        # enough, string lengths need no checking at all.
+        self.long_strings = data_chars is None or data_chars > max_string
 
 
-def check_values(obj, ctx, field):
+_CONTAINERS = (dict, list)
+
+
+def check_values(obj, ctx, field, depth=0):
     """Refuse strings longer than max_string and nesting deeper than max_depth.
 
-    PERF: one pass over the top-level values; containers (rare in events) recurse.
+    PERF: when no string can be too long (ctx.long_strings is False) only containers
+    need a look, and `set(map(type, ...))` finds whether there are any at C speed; the
+    per-value Python loop runs only for requests with long data or nested values.
     """
-    limit = ctx.max_string
-    for value in (obj.values() if type(obj) is dict else obj):
-        kind = type(value)
-        if kind is str:
-            if len(value) > limit:
-                raise RecordRejected("string_too_long", field,
-                                     "%s has a string longer than %d characters" % (field, limit))
-        elif kind is dict or kind is list:
-            _check_nested(value, ctx, field, 1)
-
-
-def _check_nested(value, ctx, field, depth):
     if depth > ctx.max_depth:
         raise RecordRejected("too_deep", field,
                              "%s is nested deeper than %d levels" % (field, ctx.max_depth))
-    for item in (value.values() if type(value) is dict else value):
-        kind = type(item)
-        if kind is str:
-            if len(item) > ctx.max_string:
-                raise RecordRejected("string_too_long", field, "%s has a string longer than %d"
-                                     " characters" % (field, ctx.max_string))
-        elif kind is dict or kind is list:
-            _check_nested(item, ctx, field, depth + 1)
+    values = obj.values() if type(obj) is dict else obj
+    if ctx.long_strings:
+        limit = ctx.max_string
+        for value in values:
+            kind = type(value)
+            if kind is str:
+                if len(value) > limit:
+                    raise RecordRejected("string_too_long", field, "%s has a string longer"
+                                         " than %d characters" % (field, limit))
+            elif kind is dict or kind is list:
+                check_values(value, ctx, field, depth + 1)
+        return
+    kinds = set(map(type, values))
+    if dict in kinds or list in kinds:
+        for value in values:
+            if type(value) in _CONTAINERS:
+                check_values(value, ctx, field, depth + 1)
 
 
 def _nonempty_str(value):
