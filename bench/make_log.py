@@ -56,9 +56,11 @@ UA_PYTHON = "python-requests/2.32.3"
 class Generator:
     """Draws requests; one Random instance so a seed reproduces the whole file."""
 
-    def __init__(self, seed, start_time):
+    def __init__(self, seed, start_time, only=None, batch=None):
         self.rnd = random.Random(seed)
         self.start_time = start_time
+        self.only = only            # one request shape instead of the mix
+        self.batch = batch          # a fixed batch size instead of the distribution
         self.tokens = ["%032x" % self.rnd.getrandbits(128) for _ in range(20)]
         # Zipf-like: a few projects send most of the traffic.
         self.token_weights = [1.0 / (i + 1) for i in range(len(self.tokens))]
@@ -71,6 +73,8 @@ class Generator:
 
     def batch_size(self):
         """1..50, most batches small: half geometric (mean ~3), half uniform."""
+        if self.batch:
+            return self.batch
         if self.rnd.random() < 0.6:
             n = 1 + int(math.log(1.0 - self.rnd.random()) / math.log(0.65))
         else:
@@ -160,7 +164,7 @@ class Generator:
 
     # ---- requests: (method, uri, content_type, body, user_agent) -----------------------
     def request(self, t):
-        shape = self.rnd.choices(self.shape_names, self.shape_weights)[0]
+        shape = self.only or self.rnd.choices(self.shape_names, self.shape_weights)[0]
         return getattr(self, "_" + shape)(t)
 
     def _browser_batch_track(self, t):
@@ -251,15 +255,20 @@ def log_line(t, method, uri, content_type, body, user_agent, status, rnd):
                           for k, v in fields) + "}\n"
 
 
-def generate(path, requests, seed=1, start_time=None):
-    """Write `requests` lines to `path`; returns the count of malformed ones."""
+def generate(path, requests, seed=1, start_time=None, only=None, batch=None):
+    """Write `requests` lines to `path`; returns the count of malformed ones.
+
+    `only` (a SHAPES name) writes that request shape alone and no malformed requests,
+    `batch` fixes the batch size: the endpoint issue's benchmarks use
+    only="node_get_track" (single-event GETs) and only="node_batch_track", batch=50."""
     start_time = time.time() if start_time is None else start_time
-    gen = Generator(seed, start_time)
+    gen = Generator(seed, start_time, only, batch)
+    share = 0.0 if only else MALFORMED_SHARE
     malformed = 0
     with open(path, "w", encoding="utf-8") as out:
         for i in range(requests):
             t = start_time + i * 0.001
-            if gen.rnd.random() < MALFORMED_SHARE:
+            if gen.rnd.random() < share:
                 malformed += 1
                 req, status = gen.malformed(t), 400
             else:
@@ -275,10 +284,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--start-time", type=float, default=None,
                    help="epoch seconds for the first request (default: now)")
+    p.add_argument("--only", choices=[name for name, _ in SHAPES], default=None,
+                   help="write only this request shape (no malformed requests)")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed records per batch (1-50)")
     args = p.parse_args(argv)
     if args.requests <= 0:
         p.error("--requests must be positive")
-    bad = generate(args.out, args.requests, args.seed, args.start_time)
+    if args.batch_size is not None and not 1 <= args.batch_size <= 2000:
+        p.error("--batch-size must be between 1 and 2000")
+    bad = generate(args.out, args.requests, args.seed, args.start_time, args.only,
+                   args.batch_size)
     print("wrote %d requests (%d malformed) to %s" % (args.requests, bad, args.out),
           file=sys.stderr)
     return 0

@@ -59,7 +59,7 @@ FIELDS = {
     "kestrel_timeout_ms": (int, 2000, "read/write timeout per Kestrel command"),
     "kestrel_retry_ms": (int, 1000, "how long a failed Kestrel server is skipped"),
     "kestrel_pool_size": (int, 64, "connections kept per Kestrel server"),
-    "kestrel_writers": (int, 4, "writer threads batching concurrent requests into one Kestrel write"),
+    "kestrel_writers": (int, 1, "writer threads batching concurrent requests into one Kestrel write"),
     "spool": (_opt_str, None, "spool directory: records go here when no Kestrel server takes them"),
     "spool_sync_ms": (int, 0, "spool fsync period; 0 = fsync before answering"),
     "spool_max_mb": (int, 1024, "spool size cap; beyond it requests get 503"),
