@@ -205,7 +205,8 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), _NO_CACHE]
         headers.extend(extra)
         start_response(_STATUS[status], cors(environ, headers))
-        return [body]
+        # HEAD: the same headers (Content-Length of the body a GET would get), no body.
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def preflight(environ, start_response):
         headers = [("Content-Length", "0"), _NO_CACHE,
@@ -245,19 +246,26 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
     def read_body(environ):
         length = environ.get("CONTENT_LENGTH")
         stream = environ["wsgi.input"]
-        if length:
-            n = int(length)
-            if n > max_body:
-                raise IngestError(413, "body_too_large", "request body exceeds %d bytes" % max_body)
-            body = stream.read(n) if n else b""
-            if len(body) < n:
-                raise IngestError(400, "short_body", "request body ended early")
-        elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
-            body = stream.read(max_body + 1)
-            if len(body) > max_body:
-                raise IngestError(413, "body_too_large", "request body exceeds %d bytes" % max_body)
-        else:
-            return b""
+        try:
+            if length:
+                n = int(length)
+                if n > max_body:
+                    raise IngestError(413, "body_too_large",
+                                      "request body exceeds %d bytes" % max_body)
+                body = stream.read(n) if n else b""
+                if len(body) < n:
+                    raise IngestError(400, "short_body", "request body ended early")
+            elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
+                body = stream.read(max_body + 1)
+                if len(body) > max_body:
+                    raise IngestError(413, "body_too_large",
+                                      "request body exceeds %d bytes" % max_body)
+            else:
+                return b""
+        except (ValueError, OSError):
+            # A bad chunk header, a body cut short, or a client silent past the read
+            # timeout: the server raises from the input stream.
+            raise IngestError(400, "bad_body", "request body could not be read") from None
         encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
         if encoding and encoding != "identity":
             body = _decompress(body, encoding, max_body)
@@ -462,7 +470,7 @@ def _access_line(environ, status, elapsed, clock, client_ip):
 
 
 # Keys a WSGI server puts in environ besides the HTTP_* headers (eventlet sets about 20).
-_ENVIRON_BASE_KEYS = 32
+_ENVIRON_BASE_KEYS = 20   # eventlet sets 24 non-header keys: counting starts a little early
 
 
 def _header_count(environ):

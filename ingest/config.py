@@ -68,7 +68,7 @@ FIELDS = {
                         "peers whose X-Forwarded-For is believed (CIDRs)"),
     "max_request_line_bytes": (int, 65536, "longest request line (URL) accepted; longer: 414"),
     "max_header_bytes": (int, 16384, "largest single header line; larger: 400 from eventlet"),
-    "max_headers": (int, 100, "most header lines per request; more: 431"),
+    "max_headers": (int, 64, "most header lines per request (at most 99); more: 431"),
     "max_body_bytes": (int, 10 * 1024 * 1024, "largest request body; larger: 413"),
     "max_records": (int, 2000, "most records per request; more: 413"),
     "max_record_bytes": (int, 1024 * 1024, "largest record as JSON; larger: record rejected"),
@@ -161,6 +161,9 @@ def _validate(s):
     for name in positive:
         if getattr(s, name) <= 0:
             raise ValueError("%s must be positive, not %r" % (name, getattr(s, name)))
+    if s.max_headers > 99:
+        raise ValueError("max_headers above 99 cannot take effect: the HTTP parser refuses"
+                         " 100 header lines itself")
     for name in ("kestrel_retry_ms", "spool_sync_ms", "keepalive_idle_s", "read_timeout_s",
                  "drain_s"):
         if getattr(s, name) < 0:

@@ -39,6 +39,60 @@ class GreenLatch(eventlet.event.Event):
         self.send()
 
 
+_ERROR_BODY = b'{"status": 0, "error": "malformed HTTP request"}'
+
+
+class IngestProtocol(eventlet.wsgi.HttpProtocol):
+    """eventlet's HTTP/1.1 handler with stricter framing and well-formed errors.
+
+    - Errors the standard library's parser raises (bad request line, bad version, too
+      many headers) get a fixed JSON body with a real status line, never the request
+      echoed back in an HTML page; an unparsable version is answered as HTTP/1.0 (the
+      default of HTTP/0.9 wrote no status line at all).
+    - A header block the parser could not fully read (a malformed line makes it stop
+      early and silently drop the headers after it, including Content-Length) is
+      refused: otherwise the rest is read as a second request (request smuggling).
+    - Content-Length must be plain digits and appear once; Transfer-Encoding other than
+      `chunked` is refused.
+    """
+
+    default_request_version = "HTTP/1.0"
+
+    def send_error(self, code, message=None, explain=None):
+        if code >= 500:   # 501/505 for a bad method or version: the client's fault, say 400
+            code = 400
+        phrase = self.responses.get(code, ("Error",))[0]
+        # After a HEAD (even one whose request line is broken) send no body, with a
+        # Content-Length of 0, which reads the same whichever way the client framed it.
+        head_request = self.command == "HEAD" or getattr(self, "raw_requestline", b"")[:5] == b"HEAD "
+        body = b"" if head_request else _ERROR_BODY
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                "Connection: close\r\n\r\n" % (code, phrase, len(body)))
+        self.close_connection = 1
+        try:
+            self.wfile.write(head.encode("latin-1") + body)
+            self.wfile.flush()
+        except OSError:
+            pass
+
+    def parse_request(self):
+        if not super().parse_request():
+            return False
+        headers = self.headers
+        if headers.defects:
+            self.send_error(400)
+            return False
+        lengths = headers.get_all("Content-Length") or ()
+        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
+            self.send_error(400)
+            return False
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            self.send_error(400)
+            return False
+        return True
+
+
 class Flags:
     def __init__(self):
         self.stop = False
@@ -124,6 +178,7 @@ def serve(settings):
 
     server = eventlet.spawn(
         eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
+        protocol=IngestProtocol,
         log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
         url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,
         socket_timeout=settings.read_timeout_s or None,

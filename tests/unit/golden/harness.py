@@ -100,15 +100,19 @@ def call(app, method="GET", path="/track", query="", body=None, content_type=Non
         if hasattr(result, "close"):
             result.close()
     response = Response(seen["status"], seen["headers"], body_out)
-    check(response, (headers or {}).get("Origin"))
+    check(response, (headers or {}).get("Origin"), head=method == "HEAD")
     return response
 
 
-def check(response, origin=None):
+def check(response, origin=None, head=False):
     """Invariants of every response: an allowed status (never 500), Content-Length equal
-    to the body, no caching, and CORS that echoes the caller's Origin with credentials."""
+    to the body (for HEAD: no body at all), no caching, and CORS that echoes the caller's
+    Origin with credentials."""
     assert response.status in ALLOWED_STATUSES, response
-    assert response.headers.get("content-length") == str(len(response.body)), response
+    if head:
+        assert response.body == b"" and response.headers.get("content-length"), response
+    else:
+        assert response.headers.get("content-length") == str(len(response.body)), response
     assert response.headers.get("cache-control") == "no-cache, no-store", response
     if origin:
         assert response.headers.get("access-control-allow-origin") == origin, response
