@@ -111,12 +111,85 @@ def bench_app(entries, seconds):
 
 # ==== per-stage timings ==================================================================
 # >>> PER-STAGE TIMINGS: decode / clean / route, per record and per request. <<<
-# The lead fills this in once ingest.decode, ingest.clean and ingest.routing have settled
-# their function signatures.  Contract: bench_stages(entries, seconds) returns a dict of
-# {"decode_us_per_request": ..., "clean_us_per_record": ..., "route_us_per_record": ...}
-# (or {"skipped": reason}); main() prints it and stores it under "stages" in --json.
+# Each stage runs over the whole log's worth of inputs, prepared by the stage before it
+# outside the timed loop: params (query + body -> parameters), decode (`data` -> records),
+# clean (per record, on freshly decoded records since cleaning mutates them), route
+# (per record, the default table), encode (cleaned record -> the queue item's bytes).
 def bench_stages(entries, seconds):
-    return {"skipped": "per-stage timings not written yet (see bench/micro.py)"}
+    from ingest import clean as cleaning, decode, routing
+    from ingest.app import _encode
+    from ingest.errors import IngestError, RecordRejected
+    inputs = []
+    for env, body in (environ_template(e) for e in entries):
+        endpoint = env["PATH_INFO"].rstrip("/").rsplit("/", 1)[-1]
+        if endpoint in ("track", "engage", "groups"):
+            inputs.append((endpoint, env.get("QUERY_STRING", ""), env.get("CONTENT_TYPE", ""), body))
+    table = routing.default_table()
+    budget = max(seconds / 5.0, 0.2)
+
+    def timed(func, items):
+        """Seconds per item of func over items, repeated for about `budget` seconds."""
+        n, elapsed = 0, 0.0
+        while elapsed < budget:
+            t = time.perf_counter()
+            for item in items:
+                func(item)
+            elapsed += time.perf_counter() - t
+            n += len(items)
+        return elapsed / n
+
+    def params(item):
+        try:
+            return decode.read_params(item[1], item[2], item[3])
+        except IngestError:
+            return {}
+
+    datas = [(item[0], params(item).get("data")) for item in inputs]
+    datas = [(ep, d) for ep, d in datas if d]
+
+    def decoded(item):
+        try:
+            return decode.decode_data(item[1])
+        except IngestError:
+            return []
+
+    def fresh_records():
+        return [(ep, rec) for ep, d in datas for rec in decoded((ep, d))]
+
+    ctx = cleaning.Context(FIXED_NOW, "203.0.113.9")
+    cleaners = {ep: cleaning.cleaner(ep) for ep in ("track", "engage", "groups")}
+
+    def clean_one(item):
+        try:
+            return cleaners[item[0]](item[1], ctx)
+        except RecordRejected:
+            return None
+
+    records = fresh_records()
+    params_s = timed(params, inputs)
+    decode_s = timed(decoded, datas)
+    n_clean, clean_total = 0, 0.0
+    while clean_total < budget:          # cleaning mutates: new records every pass
+        batch = fresh_records()
+        t = time.perf_counter()
+        for item in batch:
+            clean_one(item)
+        clean_total += time.perf_counter() - t
+        n_clean += len(batch)
+    tokens = [(ep, clean_one((ep, rec))) for ep, rec in records]
+    tokens = [(ep, tok) for ep, tok in tokens if tok]
+    route_s = timed(lambda item: table.route(item[0], item[1], FIXED_NOW), tokens)
+    cleaned = [rec for ep, rec in records if isinstance(rec, dict)]
+    encode_s = timed(lambda rec: _encode(rec).encode("utf-8"), cleaned)
+    per_request = len(records) / max(len(datas), 1)
+    return {"requests": len(datas), "records": len(records),
+            "records_per_request": round(per_request, 2),
+            "params_us_per_request": round(params_s * 1e6, 2),
+            "decode_us_per_request": round(decode_s * 1e6, 2),
+            "decode_us_per_record": round(decode_s * 1e6 / per_request, 2),
+            "clean_us_per_record": round(clean_total / n_clean * 1e6, 2),
+            "route_us_per_record": round(route_s * 1e6, 3),
+            "encode_us_per_record": round(encode_s * 1e6, 2)}
 # >>> END PER-STAGE TIMINGS <<<
 
 
