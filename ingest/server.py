@@ -6,6 +6,7 @@ main green thread acts on them: SIGHUP reloads the routing table off the request
 (in a native thread via tpool), SIGTERM/SIGINT drain: /ready turns 503, the listening
 socket closes, in-flight requests get up to `drain_s` to finish, then the process exits 0.
 """
+import gc
 import logging
 import os
 import signal
@@ -127,6 +128,19 @@ def build_sink(settings):
     return SpoolingSink(batched, spool), client, forwarder
 
 
+def tune_gc():
+    """Keep the cyclic garbage collector off the latency tail.
+
+    Requests allocate many short-lived, acyclic objects (parsed JSON), so the default
+    thresholds run a collection every 700 allocations and, every so often, a full one over
+    the whole heap.  Everything alive at start-up is moved out of the collector's sight
+    (gc.freeze) and young collections run less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50000, 20, 20)
+
+
 def open_access_log(path):
     """A writer of whole lines: one os.write per request on an O_APPEND descriptor, so
     lines from concurrent requests never interleave and logrotate's copytruncate works."""
@@ -186,6 +200,7 @@ def serve(settings):
         capitalize_response_headers=False)
     if forwarder is not None:
         eventlet.spawn(forwarder.run)
+    tune_gc()
     log.info("listening on http://%s:%d", settings.host, settings.port)
 
     while not flags.stop and not server.dead:
