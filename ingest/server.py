@@ -198,8 +198,7 @@ def serve(settings):
         socket_timeout=settings.read_timeout_s or None,
         # Our header names are already canonical; skip eventlet re-capitalising each one.
         capitalize_response_headers=False)
-    if forwarder is not None:
-        eventlet.spawn(forwarder.run)
+    forwarding = eventlet.spawn(forwarder.run) if forwarder is not None else None
     tune_gc()
     log.info("listening on http://%s:%d", settings.host, settings.port)
 
@@ -212,6 +211,7 @@ def serve(settings):
     code = drain(settings, state, server, sock)
     if forwarder is not None:
         forwarder.stopping = True
+        _wait_for(forwarding, settings.drain_s)   # not mid-segment when the spool closes
         forwarder.spool.close()
         log.info("spool closed (%d records forwarded this run)", forwarder.forwarded)
     eventlet.tpool.killall()
@@ -231,9 +231,26 @@ def drain(settings, state, server, sock):
     deadline = time.monotonic() + settings.drain_s
     while state.in_flight and time.monotonic() < deadline:
         eventlet.sleep(_TICK_S)
-    if state.in_flight:
+    # in_flight drops before eventlet writes the answer: wait for the server's own
+    # cleanup (every connection's handler finished) within what is left of the budget.
+    _wait_for(server, deadline - time.monotonic())
+    if state.in_flight or not server.dead:
         log.warning("drain budget spent with %d requests unanswered (not acknowledged)",
                     state.in_flight)
     else:
         log.info("drained; exiting")
     return 0
+
+
+def _wait_for(greenthread, seconds):
+    """Wait for a green thread to end, at most `seconds`; True when it did."""
+    if greenthread is None or greenthread.dead:
+        return True
+    try:
+        with eventlet.Timeout(max(seconds, 0.01)):
+            greenthread.wait()
+    except eventlet.Timeout:
+        return False
+    except (Exception, SystemExit):  # its own failure was logged where it happened
+        pass
+    return True

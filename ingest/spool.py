@@ -123,9 +123,13 @@ class Spool:
             if self.size_bytes() + len(buf) > self.max_bytes:
                 self.full = True
                 raise SpoolFull("spool is full (%d bytes)" % self.size_bytes(), retry_after_s=5)
-            if self._fd is None or self._active_size >= self.segment_bytes:
-                self._rotate_locked()
-            _write_all(self._fd, buf)
+            try:
+                if self._fd is None or self._active_size >= self.segment_bytes:
+                    self._rotate_locked()
+                self._write_locked(buf)
+            except OSError as exc:   # disk full, EMFILE, I/O error: not acknowledged
+                log.error("spool write failed: %s", exc)
+                raise SinkUnavailable("spool write failed: %s" % exc, retry_after_s=5) from None
             self._active_size += len(buf)
             self._written += len(buf)
             target = self._written
@@ -166,19 +170,55 @@ class Spool:
             if fd is not None:
                 self._sync_to(fd, self._active_seq, self._written)
 
+    def _write_locked(self, buf):
+        """Append buf; on failure cut the segment back to its last whole frame, so the
+        frames appended after it stay readable (a half frame in the middle would end
+        every later read there)."""
+        try:
+            _write_all(self._fd, buf)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._active_size)
+            except OSError:
+                # Cannot even cut it: stop writing to this segment.  Its half frame is
+                # then a torn tail, which readers drop, and the next append starts anew.
+                self._retire_active_locked()
+            raise
+
     def _rotate_locked(self):
-        """Close the active segment (fsynced) and open a fresh one."""
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self.closed_bytes += self._active_size
+        """Open a fresh segment, then retire the active one (fsynced).
+
+        The new file is opened and made durable first, so a failure (EMFILE, ENOSPC)
+        leaves the spool exactly as it was."""
         seq = self._next_seq
+        path = self.path(seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            _fsync_dir(self.dir)
+            if self._fd is not None:
+                os.fsync(self._fd)
+        except OSError:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
         self._next_seq += 1
-        self._fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        _fsync_dir(self.dir)
-        self._active_seq = seq
-        self._active_size = 0
-        self._written = self._synced = 0
+        self._retire_active_locked(synced=True)
+        self._fd, self._active_seq = fd, seq
+
+    def _retire_active_locked(self, synced=False):
+        """Close the active segment; it becomes a closed segment for the forwarder."""
+        if self._fd is None:
+            return
+        fd, self._fd, self._active_seq = self._fd, None, None
+        try:
+            if not synced:
+                os.fsync(fd)
+        except OSError as exc:
+            log.error("spool fsync on close failed: %s", exc)
+        finally:
+            os.close(fd)
+        self.closed_bytes += self._active_size
+        self._active_size = self._written = self._synced = 0
 
     def seal_active(self):
         """Make the active segment forwardable (called when only it holds data)."""
@@ -197,12 +237,7 @@ class Spool:
     def close(self):
         with self._write_lock:
             self._closed = True
-            if self._fd is not None:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self.closed_bytes += self._active_size
-                self._fd = None
-                self._active_size = 0
+            self._retire_active_locked()
         os.close(self._lock_fd)
 
 
@@ -216,6 +251,7 @@ class Forwarder:
         self.retry_s = retry_s
         self.forwarded = 0
         self.stopping = False
+        self.stopped = False
 
     def pending(self):
         return bool(self.spool.closed_segments()) or self.spool._active_size > 0
@@ -248,10 +284,16 @@ class Forwarder:
             end = end_offset
         if batch and not self._send(batch):
             return False
-        if end != len(data):
-            log.warning("%s: dropped a torn or corrupt tail at byte %d of %d (written during a crash;"
-                        " never acknowledged)", path, end, len(data))
-        os.unlink(path)
+        if end != len(data) and not _torn_tail(data, end):
+            # Damage in the middle (not a crash's torn tail): keep the file for a person.
+            log.error("%s: unreadable frame at byte %d of %d; kept as %s.damaged",
+                      path, end, len(data), path)
+            os.replace(path, path + ".damaged")
+        else:
+            if end != len(data):
+                log.warning("%s: dropped a torn tail at byte %d of %d (written during a crash;"
+                            " never acknowledged)", path, end, len(data))
+            os.unlink(path)
         if os.path.exists(pos_path):
             os.unlink(pos_path)
         self.spool.forgot(seq, len(data))
@@ -269,11 +311,25 @@ class Forwarder:
         return True
 
     def run(self, tick_s=0.05):
-        """The background loop: forward when there is data, retry after retry_s."""
+        """The background loop: forward when there is data, retry after retry_s.
+
+        No error may end it: a forwarder that died would leave the spool to fill up."""
         while not self.stopping:
-            self.spool.sync_if_due()
-            if not self.spool.has_data.wait(tick_s):
-                continue
+            try:
+                self._pass(tick_s)
+            except Exception as exc:
+                log.error("spool forwarder: %s; retrying in %.1fs", exc, self.retry_s)
+                self._pause(tick_s)
+        self.stopped = True
+
+    def _pause(self, tick_s):
+        deadline = time.monotonic() + self.retry_s
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(tick_s)
+
+    def _pass(self, tick_s):
+        self.spool.sync_if_due()
+        if self.spool.has_data.wait(tick_s):
             if self.forward_once():
                 if not self.pending():
                     self.spool.has_data.clear()
@@ -313,6 +369,22 @@ def _write_all(fd, buf):
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _torn_tail(data, end):
+    """Is what follows `end` one frame cut short (a crash mid-write), not damage?"""
+    rest = len(data) - end
+    if rest < HEADER.size:
+        return True
+    length, _crc, qlen = HEADER.unpack_from(data, end)
+    return end + HEADER.size + qlen + length > len(data)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path):

@@ -28,6 +28,18 @@ import zlib
 
 log = logging.getLogger("ingest.queue.journal")
 
+# Exit status after a journal I/O error (EX_TEMPFAIL): supervisord restarts the server,
+# which replays the journals as they are on disk and truncates the torn tail.
+EXIT_IO_ERROR = 75
+
+
+def fatal_io_error(what, exc):
+    """Stop the server at once: nothing after a failed journal write or fsync may be
+    acknowledged, and the journal on disk is the truth the restart replays."""
+    log.critical("%s failed: %s; exiting so the journals are replayed from disk", what, exc)
+    logging.shutdown()
+    os._exit(EXIT_IO_ERROR)
+
 OP_ADD, OP_REMOVE, OP_OPEN, OP_CONFIRM, OP_UNREMOVE, OP_FLUSH = 1, 2, 3, 4, 5, 6
 _OPS = frozenset((OP_ADD, OP_REMOVE, OP_OPEN, OP_CONFIRM, OP_UNREMOVE, OP_FLUSH))
 
@@ -190,12 +202,19 @@ class Journal:
         self.pending.append(record)
 
     def write(self):
-        """Write everything buffered with one os.write (looping only on a short write)."""
+        """Write everything buffered with one os.write (looping only on a short write).
+
+        A failed write is fatal (see fatal_io_error): the in-memory queue would no longer
+        match the file, and records appended after a half-written one would be cut off
+        at the next replay."""
         if not self.pending:
             return
         data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
         self.pending.clear()
-        _write_all(self.fd, data)
+        try:
+            _write_all(self.fd, data)
+        except OSError as exc:
+            fatal_io_error("journal write to %s" % self.path, exc)
         self.size += len(data)
         self.dirty = True
 

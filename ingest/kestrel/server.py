@@ -423,7 +423,9 @@ class Syncer:
             for fd in retired:
                 os.close(fd)
         if failed:
-            raise OSError("fsync failed: %s" % failed)
+            # After a failed fsync the kernel may have dropped the dirty pages: what was
+            # acknowledged is no longer known to be on disk.  Restart from the journals.
+            jr.fatal_io_error("fsync", OSError("fsync failed: %s" % failed))
 
     def _periodic_loop(self):
         while True:

@@ -153,3 +153,26 @@ def test_rewrite_of_many_records_is_written_in_chunks(tmp_path):
     assert j.size == os.path.getsize(path) == sum(len(r) for r in records)
     assert list(jr.load(path).items) == records
     j.close()
+
+
+def test_a_failed_journal_write_stops_the_server(tmp_path, monkeypatch):
+    """Nothing after a failed write may be acknowledged: the server exits (EX_TEMPFAIL)
+    and its restart replays the journal as it is on disk."""
+    import errno
+    calls = []
+
+    def fatal(what, exc):
+        calls.append((what, exc.errno))
+        raise SystemExit(jr.EXIT_IO_ERROR)
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    j = jr.Journal(str(tmp_path / "events"))
+    j.append(add(b"x"))
+    monkeypatch.setattr(jr, "fatal_io_error", fatal)
+    monkeypatch.setattr(jr, "_raw_write", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        j.write()
+    assert stop.value.code == jr.EXIT_IO_ERROR
+    assert calls and calls[0][1] == errno.ENOSPC and "events" in calls[0][0]

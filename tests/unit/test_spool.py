@@ -596,3 +596,107 @@ def test_spooling_over_batching_spools_a_failed_batch_for_every_request(spool_di
     assert sorted(put.stored) == sorted(pairs(16))
     sink.primary.close()
     spool.close()
+
+
+# -- disk and descriptor failures (no acknowledged record may be lost) --
+
+def test_a_failed_write_is_not_acknowledged_and_later_records_stay_readable(spool_dir, monkeypatch):
+    from ingest import spool as spool_module
+    spool = Spool(spool_dir)
+    spool.append(pairs(1, start=0))
+    real_write = os.write
+    calls = {"n": 0}
+
+    def short_then_full(fd, buf):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            real_write(fd, bytes(buf[:10]))      # part of a frame reaches the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(spool_module.os, "write", short_then_full)
+    with pytest.raises(SinkUnavailable):
+        spool.append(pairs(1, start=1))
+    monkeypatch.setattr(spool_module.os, "write", real_write)
+    spool.append(pairs(1, start=2))
+    spool.append(pairs(1, start=3))
+    put = FlakyPut()
+    forwarder = Forwarder(spool, put)
+    assert forwarder.forward_once()
+    expected = pairs(1, start=0) + pairs(1, start=2) + pairs(1, start=3)
+    assert put.stored == expected
+    spool.close()
+
+
+def test_a_failed_rotation_leaves_the_spool_as_it_was(spool_dir, monkeypatch):
+    from ingest import spool as spool_module
+    spool = Spool(spool_dir)
+    spool.append(pairs(1, start=0))
+    real = spool_module._fsync_dir
+
+    def once(path):
+        monkeypatch.setattr(spool_module, "_fsync_dir", real)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(spool_module, "_fsync_dir", once)
+    with pytest.raises(OSError):
+        spool.seal_active()
+    spool.append(pairs(1, start=1))
+    put = FlakyPut()
+    forwarder = Forwarder(spool, put)
+    assert forwarder.forward_once()
+    spool.append(pairs(1, start=2))
+    assert forwarder.forward_once()
+    assert put.stored == pairs(3)
+    spool.close()
+    again = Spool(spool_dir)
+    assert Forwarder(again, put).forward_once()
+    assert put.stored == pairs(3)                # nothing left behind, nothing lost
+    again.close()
+
+
+def test_the_forwarder_survives_errors_and_keeps_forwarding(spool_dir, monkeypatch):
+    from ingest import spool as spool_module
+    spool = Spool(spool_dir)
+    spool.append(pairs(5))
+    real = spool_module._write_pos
+    failures = {"n": 0}
+
+    def full_disk(path, offset):
+        failures["n"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "_write_pos", full_disk)
+    put = FlakyPut()
+    forwarder = Forwarder(spool, put, batch_records=2, retry_s=0.01)
+    thread = threading.Thread(target=forwarder.run, kwargs={"tick_s": 0.005}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while failures["n"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)                        # poll interval
+    assert failures["n"] >= 2 and thread.is_alive()
+    monkeypatch.setattr(spool_module, "_write_pos", real)
+    while not (set(put.stored) >= set(pairs(5)) and not forwarder.pending()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)                        # poll interval
+    forwarder.stopping = True
+    thread.join(5)
+    assert not thread.is_alive()
+    assert set(put.stored) == set(pairs(5))      # duplicates allowed, losses not
+    spool.close()
+
+
+def test_damage_in_the_middle_of_a_segment_is_kept_for_inspection(spool_dir):
+    spool = Spool(spool_dir)
+    spool.append(pairs(3))
+    spool.seal_active()
+    seq = spool.closed_segments()[0]
+    path = spool.path(seq)
+    with open(path, "r+b") as fh:
+        fh.seek(HEADER.size + 2)                 # inside the first frame's queue name
+        fh.write(b"\xff")
+    put = FlakyPut()
+    assert Forwarder(spool, put).forward_once()
+    assert put.stored == []
+    assert os.path.exists(path + ".damaged") and not os.path.exists(path)
+    spool.close()
