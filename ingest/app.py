@@ -74,6 +74,7 @@ class AppState:
     def __init__(self):
         self.draining = False
         self.in_flight = 0
+        self.body_bytes = 0        # Content-Length of the requests in flight, together
 
 
 class Answer:
@@ -187,6 +188,7 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
     max_string = settings.max_string_chars
     max_headers = settings.max_headers
     max_in_flight = settings.max_in_flight
+    max_body_in_flight = settings.max_body_bytes_in_flight
     count = metrics.count if metrics is not None else _no_count
 
     def cors(environ, headers):
@@ -397,7 +399,11 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
             return respond(environ, start_response, 405,
                            _json({"status": 0, "error": "method not allowed"}), _JSON,
                            (("Allow", "GET, POST, OPTIONS"),))
-        if state.in_flight >= max_in_flight or state.draining:
+        # Bodies are read whole; cap what all requests in flight may hold together.
+        body_bytes = min(int(environ.get("CONTENT_LENGTH") or 0), max_body)
+        busy = state.in_flight >= max_in_flight or (
+            state.in_flight and state.body_bytes + body_bytes > max_body_in_flight)
+        if busy or state.draining:
             # Draining: a request read now arrived on a connection the server is shutting,
             # so its answer may never be delivered; storing it would only make a duplicate
             # of the client's retry.  Requests already in flight finish normally.
@@ -408,6 +414,7 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                                "shutting down" if state.draining else "busy")}), _JSON,
                            (("Retry-After", "1"),))
         state.in_flight += 1
+        state.body_bytes += body_bytes
         try:
             return handle(environ, start_response, endpoint)
         except Exception:
@@ -416,6 +423,7 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
                            _json({"status": 0, "error": "internal error"}), _JSON)
         finally:
             state.in_flight -= 1
+            state.body_bytes -= body_bytes
 
     def other_path(environ, start_response, path, method):
         trimmed = path.rstrip("/") or "/"

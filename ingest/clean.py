@@ -71,6 +71,13 @@ def check_values(obj, ctx, field, depth=0):
                 check_values(value, ctx, field, depth + 1)
 
 
+def _check_other_keys(record, checked, ctx):
+    """String-length and depth limits for the record's keys not already checked."""
+    for key, value in record.items():
+        if key not in checked and type(value) in (str, dict, list):
+            check_values({key: value}, ctx, key)
+
+
 def _nonempty_str(value):
     return isinstance(value, str) and value != ""
 
@@ -129,6 +136,8 @@ def clean_event(record, ctx, importing=False):
         raise RecordRejected("too_many_properties", "properties",
                              "properties has more than %d keys" % ctx.max_properties)
     check_values(props, ctx, "properties")
+    if len(record) > 2:   # anything besides event and properties gets the same limits
+        _check_other_keys(record, ("event", "properties"), ctx)
     if importing:
         if props.get("distinct_id") in (None, ""):
             raise RecordRejected("missing_distinct_id", "properties.distinct_id",
@@ -171,6 +180,7 @@ def _clean_update(record, ctx, ids, ops):
             raise RecordRejected("too_many_properties", op,
                                  "%s has more than %d keys" % (op, ctx.max_properties))
         check_values(value, ctx, op)
+    _check_other_keys(record, (op,), ctx)
     if ctx.ip is not None and "$ip" not in record:
         record["$ip"] = ctx.ip
     return token

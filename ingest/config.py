@@ -76,6 +76,8 @@ FIELDS = {
     "max_depth": (int, 20, "deepest nesting inside a record's properties; deeper: record rejected"),
     "max_string_chars": (int, 65536, "longest string value in a record; longer: record rejected"),
     "max_in_flight": (int, 1000, "requests handled at once per worker; more: 503"),
+    "max_body_bytes_in_flight": (int, 256 * 1024 * 1024,
+                                 "request bodies held at once per worker; more: 503"),
     "max_connections": (int, 4096, "open client connections per worker"),
     "keepalive_idle_s": (float, 75.0, "idle keep-alive connections are closed after this"),
     "read_timeout_s": (float, 30.0, "a client silent this long in the middle of a request is dropped"),
@@ -157,7 +159,7 @@ def _validate(s):
     positive = ["port", "kestrel_connect_timeout_ms", "kestrel_timeout_ms", "kestrel_pool_size",
                 "kestrel_writers", "spool_max_mb", "max_request_line_bytes", "max_header_bytes", "max_headers",
                 "max_body_bytes", "max_records", "max_record_bytes", "max_properties",
-                "max_depth", "max_string_chars", "max_in_flight", "max_connections"]
+                "max_depth", "max_string_chars", "max_in_flight", "max_body_bytes_in_flight", "max_connections"]
     for name in positive:
         if getattr(s, name) <= 0:
             raise ValueError("%s must be positive, not %r" % (name, getattr(s, name)))

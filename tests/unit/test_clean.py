@@ -352,3 +352,22 @@ def test_profile_operation_values_obey_the_same_limits():
     record = {"$token": "t", "$group_key": "k", "$group_id": "g", "$union": {"a": ["x" * 9]}}
     assert rejected(clean.clean_group, record, ctx(max_string=8))[0:2] == (
         "string_too_long", "$union")
+
+
+def test_limits_cover_top_level_keys_beyond_properties():
+    deep = "x"
+    for _ in range(30):
+        deep = [deep]
+    record = event()
+    record["extra"] = deep
+    assert rejected(clean.clean_event, record, ctx(max_depth=20))[:2] == ("too_deep", "extra")
+    record = event()
+    record["note"] = "n" * 101
+    assert rejected(clean.clean_event, record, ctx(max_string=100, data_chars=10 ** 6))[:2] \
+        == ("string_too_long", "note")
+
+
+def test_limits_cover_update_keys_beside_the_operation():
+    record = {"$token": "t", "$distinct_id": "d", "$set": {"a": 1}, "$ip": "1" * 101}
+    assert rejected(clean.clean_engage, record, ctx(max_string=100, data_chars=10 ** 6))[:2] \
+        == ("string_too_long", "$ip")

@@ -49,3 +49,39 @@ def test_access_log_line_has_the_request_facts():
     assert entry["accepted"] == 1 and entry["rejected"] == 0
     assert entry["ip"] == "127.0.0.1" and entry["method"] == "GET"
     assert entry["bytes"] == 1 and entry["latency_ms"] >= 0
+
+
+def test_bodies_in_flight_are_capped_together():
+    """A request whose body would push the bytes held by requests in flight past the cap
+    gets 503 + Retry-After at once; alone, a request is always admitted."""
+    import dataclasses
+    settings = dataclasses.replace(config.resolve({}, environ={}), max_body_bytes_in_flight=100)
+    state = AppState()
+    answers = []
+
+    class Reentrant(MemorySink):
+        """While the first request is being stored, a second one arrives."""
+        def put(self, pairs):
+            if not answers:
+                body = b"data=" + b'{"event":"e","properties":{"token":"t"}}'.ljust(60)
+                answers.append(post(app, body))
+            super().put(pairs)
+
+    def post(app, body):
+        out = {}
+
+        def start_response(status, headers):
+            out["status"], out["headers"] = status, dict(headers)
+
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/track", "QUERY_STRING": "",
+                   "CONTENT_TYPE": "application/x-www-form-urlencoded",
+                   "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1",
+                   "wsgi.input": io.BytesIO(body)}
+        return out, b"".join(app(environ, start_response))
+
+    app = make_app(settings, Reentrant(), clock=lambda: 1.8e9, state=state)
+    first = post(app, b"data=" + b'{"event":"e","properties":{"token":"t"}}'.ljust(60))
+    assert first[1] == b"1"
+    (second, _body), = answers
+    assert second["status"].startswith("503") and second["headers"]["Retry-After"] == "1"
+    assert state.body_bytes == 0 and state.in_flight == 0
