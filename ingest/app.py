@@ -210,6 +210,13 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
         # HEAD: the same headers (Content-Length of the body a GET would get), no body.
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
+    def fail(environ, start_response, status, message, retry_after_s=None, extra=()):
+        """A JSON error answer, with Retry-After when the client should come back."""
+        if retry_after_s is not None:
+            extra = extra + (("Retry-After", str(retry_after_s)),)
+        return respond(environ, start_response, status,
+                       _json({"status": 0, "error": message}), _JSON, extra)
+
     def preflight(environ, start_response):
         headers = [("Content-Length", "0"), _NO_CACHE,
                    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
@@ -371,9 +378,8 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
         except SinkUnavailable as exc:
             log.warning("%s 503: %s", endpoint, exc)
             count("request_error", endpoint, "unavailable")
-            out = _json({"status": 0, "error": "temporarily unable to store records; retry"})
-            return respond(environ, start_response, 503, out, _JSON,
-                           (("Retry-After", str(exc.retry_after_s)),))
+            return fail(environ, start_response, 503,
+                        "temporarily unable to store records; retry", exc.retry_after_s)
         if status == 200 and answer is not None:
             if answer.redirect:
                 return respond(environ, start_response, 302, b"", _TEXT,
@@ -388,17 +394,14 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
         method = environ.get("REQUEST_METHOD", "GET")
         # PERF: len(environ) is O(1); headers are only counted when it is suspicious.
         if len(environ) > max_headers + _ENVIRON_BASE_KEYS and _header_count(environ) > max_headers:
-            return respond(environ, start_response, 431,
-                           _json({"status": 0, "error": "more than %d header lines" % max_headers}),
-                           _JSON)
+            return fail(environ, start_response, 431, "more than %d header lines" % max_headers)
         if endpoint is None:
             return other_path(environ, start_response, path, method)
         if method == "OPTIONS":
             return preflight(environ, start_response)
         if method not in ("GET", "POST"):
-            return respond(environ, start_response, 405,
-                           _json({"status": 0, "error": "method not allowed"}), _JSON,
-                           (("Allow", "GET, POST, OPTIONS"),))
+            return fail(environ, start_response, 405, "method not allowed",
+                        extra=(("Allow", "GET, POST, OPTIONS"),))
         # Bodies are read whole; cap what all requests in flight may hold together.
         body_bytes = min(int(environ.get("CONTENT_LENGTH") or 0), max_body)
         busy = state.in_flight >= max_in_flight or (
@@ -409,18 +412,15 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
             # of the client's retry.  Requests already in flight finish normally.
             reason = "draining" if state.draining else "overloaded"
             count("request_error", endpoint, reason)
-            return respond(environ, start_response, 503,
-                           _json({"status": 0, "error": "server %s; retry" % (
-                               "shutting down" if state.draining else "busy")}), _JSON,
-                           (("Retry-After", "1"),))
+            return fail(environ, start_response, 503, "server %s; retry" % (
+                "shutting down" if state.draining else "busy"), retry_after_s=1)
         state.in_flight += 1
         state.body_bytes += body_bytes
         try:
             return handle(environ, start_response, endpoint)
         except Exception:
             log.exception("unhandled error on %s", endpoint)
-            return respond(environ, start_response, 500,
-                           _json({"status": 0, "error": "internal error"}), _JSON)
+            return fail(environ, start_response, 500, "internal error")
         finally:
             state.in_flight -= 1
             state.body_bytes -= body_bytes
@@ -443,9 +443,8 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
             return respond(environ, start_response, 200, body, ctype)
         if method == "OPTIONS":
             return preflight(environ, start_response)
-        return respond(environ, start_response, 404,
-                       _json({"status": 0, "error": "not found; use /track, /engage, /groups or /import"}),
-                       _JSON)
+        return fail(environ, start_response, 404,
+                    "not found; use /track, /engage, /groups or /import")
 
     def observed(environ, start_response):
         """dispatch(), then the metrics and the access-log line for the request."""

@@ -78,6 +78,14 @@ def _check_other_keys(record, checked, ctx):
             check_values({key: value}, ctx, key)
 
 
+def _required_str(value, reason, field):
+    """`value` if it is a non-empty string, else RecordRejected naming `field`."""
+    if isinstance(value, str) and value != "":
+        return value
+    raise RecordRejected(reason, field, "%s is missing" % field if value is None
+                         else "%s must be a non-empty string" % field)
+
+
 def _nonempty_str(value):
     return isinstance(value, str) and value != ""
 
@@ -119,19 +127,12 @@ def clean_event(record, ctx, importing=False):
     """/track (and /import with importing=True): returns the record's token."""
     if not isinstance(record, dict):
         raise RecordRejected("not_an_object", "record", "record is not a JSON object")
-    event = record.get("event")
-    if not _nonempty_str(event):
-        raise RecordRejected("invalid_event", "event",
-                             "event is missing" if event is None else "event must be a non-empty string")
+    _required_str(record.get("event"), "invalid_event", "event")
     props = record.get("properties")
     if not isinstance(props, dict):
         raise RecordRejected("invalid_properties", "properties",
                              "properties is missing" if props is None else "properties must be an object")
-    token = props.get("token")
-    if not _nonempty_str(token):
-        raise RecordRejected("missing_token", "properties.token",
-                             "properties.token is missing" if token is None
-                             else "properties.token must be a non-empty string")
+    token = _required_str(props.get("token"), "missing_token", "properties.token")
     if len(props) > ctx.max_properties:
         raise RecordRejected("too_many_properties", "properties",
                              "properties has more than %d keys" % ctx.max_properties)
@@ -156,10 +157,7 @@ def _clean_update(record, ctx, ids, ops):
     """/engage and /groups share a shape: $token, identity keys, exactly one operation."""
     if not isinstance(record, dict):
         raise RecordRejected("not_an_object", "record", "record is not a JSON object")
-    token = record.get("$token")
-    if not _nonempty_str(token):
-        raise RecordRejected("missing_token", "$token",
-                             "$token is missing" if token is None else "$token must be a non-empty string")
+    token = _required_str(record.get("$token"), "missing_token", "$token")
     for key in ids:
         value = record.get(key)
         if not (_nonempty_str(value) or _number(value)):
