@@ -403,7 +403,7 @@ def make_app(settings, sink, clock=time.time, router=None, state=None, metrics=N
             return fail(environ, start_response, 405, "method not allowed",
                         extra=(("Allow", "GET, POST, OPTIONS"),))
         # Bodies are read whole; cap what all requests in flight may hold together.
-        body_bytes = min(int(environ.get("CONTENT_LENGTH") or 0), max_body)
+        body_bytes = min(_content_length(environ), max_body)
         busy = state.in_flight >= max_in_flight or (
             state.in_flight and state.body_bytes + body_bytes > max_body_in_flight)
         if busy or state.draining:
@@ -478,6 +478,14 @@ def _access_line(environ, status, elapsed, clock, client_ip):
 
 # Keys a WSGI server puts in environ besides the HTTP_* headers (eventlet sets about 20).
 _ENVIRON_BASE_KEYS = 20   # eventlet sets 24 non-header keys: counting starts a little early
+
+
+def _content_length(environ):
+    """The declared body size (0 when absent; read_body answers a bad one with 400)."""
+    try:
+        return max(int(environ.get("CONTENT_LENGTH") or 0), 0)
+    except ValueError:
+        return 0
 
 
 def _header_count(environ):
