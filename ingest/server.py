@@ -55,6 +55,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
       refused: otherwise the rest is read as a second request (request smuggling).
     - Content-Length must be plain digits and appear once; Transfer-Encoding other than
       `chunked` is refused.
+    - The header block must arrive within the read timeout as a whole (slow-loris).
     """
 
     default_request_version = "HTTP/1.0"
@@ -77,8 +78,21 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
             pass
 
     def parse_request(self):
-        if not super().parse_request():
+        # The socket timeout is per read: a client sending one header byte every few
+        # seconds would never hit it.  The whole header block gets that budget instead.
+        budget = self.server.socket_timeout
+        deadline = eventlet.Timeout(budget) if budget else None
+        try:
+            if not super().parse_request():
+                return False
+        except eventlet.Timeout as expired:
+            if expired is not deadline:
+                raise
+            self.close_connection = 1      # too slow to deserve an answer
             return False
+        finally:
+            if deadline is not None:
+                deadline.cancel()
         headers = self.headers
         if headers.defects:
             self.send_error(400)

@@ -930,3 +930,28 @@ def test_in_flight_cap_answers_503_with_retry_after(queue, make_worker, tmp_path
         os.kill(q.proc.pid, signal.SIGCONT)
         slow.close()
         q.proc.stop()
+
+
+def test_client_trickling_headers_is_dropped_after_the_read_timeout(queue, make_worker):
+    """The read timeout bounds the whole header block, not each read: one byte every
+    0.2 s (each read well inside a 1 s timeout) is still dropped after about 1 s."""
+    w = make_worker(queue.address, extra=["--read-timeout-s", "1", "--keepalive-idle-s", "30"])
+    with connect(w.port) as sock:
+        sock.sendall(b"GET /track?data=x HTTP/1.1\r\n")
+        started = time.monotonic()
+        dropped = False
+        for byte in (b"X-Slow: " + b"a" * 40):
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.2)
+                if sock.recv(1) == b"":
+                    dropped = True
+                    break
+            except socket.timeout:
+                continue                      # the worker is still waiting: go on trickling
+            except OSError:
+                dropped = True
+                break
+        waited = time.monotonic() - started
+    assert dropped and 0.8 < waited < 3, (dropped, waited)
+    assert_alive(w)
