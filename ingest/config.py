@@ -80,7 +80,7 @@ FIELDS = {
                                  "request bodies held at once per worker; more: 503"),
     "max_connections": (int, 4096, "open client connections per worker"),
     "keepalive_idle_s": (float, 75.0, "idle keep-alive connections are closed after this"),
-    "read_timeout_s": (float, 30.0, "a client silent this long in the middle of a request is dropped"),
+    "read_timeout_s": (float, 30.0, "headers must arrive within this, and each body read"),
     "drain_s": (float, 10.0, "on SIGTERM, how long in-flight requests may take to finish"),
     "access_log": (_opt_str, None, "JSON-lines access log file ('-' = stderr)"),
 }
