@@ -8,11 +8,14 @@ flags inside one.
 
 
 class SinkUnavailable(Exception):
-    """No record of the batch may be acknowledged; the client should retry later."""
+    """No record of the batch may be acknowledged; the client should retry later.
 
-    def __init__(self, message="records could not be stored", retry_after_s=1):
+    `remaining`: the pairs not stored, when the sink knows some were (None: assume none)."""
+
+    def __init__(self, message="records could not be stored", retry_after_s=1, remaining=None):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.remaining = remaining
 
 
 class MemorySink:
@@ -45,7 +48,8 @@ class KestrelSink:
         try:
             self.client.put_many(pairs)
         except KestrelError as exc:
-            raise SinkUnavailable("no Kestrel server stored the records: %s" % exc) from None
+            raise SinkUnavailable("no Kestrel server stored the records: %s" % exc,
+                                  remaining=getattr(exc, "remaining", None)) from None
 
     def ready(self):
         """Ready when some Kestrel server answers `version` now (a live check, not a guess)."""
@@ -55,6 +59,18 @@ class KestrelSink:
         except (KestrelError, OSError) as exc:
             return False, "no Kestrel server answers: %s" % exc
         return True, "kestrel"
+
+
+def _share_of(error, pairs):
+    """One request's part of a failed coalesced batch: the same error, with `remaining`
+    narrowed to that request's pairs (payload objects are shared, so identity maps them)."""
+    if error is None or error.remaining is None:
+        return error
+    unstored = {id(payload) for _queue, payload in error.remaining}
+    mine = [pair for pair in pairs if id(pair[1]) in unstored]
+    if not mine:
+        return None          # every record of this request was stored
+    return SinkUnavailable(str(error), error.retry_after_s, mine)
 
 
 class _Waiter:
@@ -141,7 +157,7 @@ class BatchingSink:
             self.batches += 1
             self.records += len(pairs)
             for waiter in taken:
-                waiter.error = error
+                waiter.error = _share_of(error, waiter.pairs)
                 waiter.done.set()
 
     def ready(self):

@@ -252,6 +252,7 @@ class Forwarder:
         self.forwarded = 0
         self.stopping = False
         self.stopped = False
+        self._unstored = {}      # (segment, batch offset) -> the part Kestrel did not store
 
     def pending(self):
         return bool(self.spool.closed_segments()) or self.spool._active_size > 0
@@ -273,16 +274,16 @@ class Forwarder:
         with open(path, "rb") as fh:
             data = fh.read()
         start = _read_pos(pos_path)
-        batch, end = [], start
+        batch, end, batch_start = [], start, start
         for end_offset, queue, payload in read_frames(data, start):
             batch.append((queue, payload))
             if len(batch) >= self.batch_records:
-                if not self._send(batch):
+                if not self._send(batch, (seq, batch_start)):
                     return False
                 _write_pos(pos_path, end_offset)
-                batch = []
+                batch, batch_start = [], end_offset
             end = end_offset
-        if batch and not self._send(batch):
+        if batch and not self._send(batch, (seq, batch_start)):
             return False
         if end != len(data) and not _torn_tail(data, end):
             # Damage in the middle (not a crash's torn tail): keep the file for a person.
@@ -299,15 +300,23 @@ class Forwarder:
         self.spool.forgot(seq, len(data))
         return True
 
-    def _send(self, batch):
+    def _send(self, batch, key):
+        """put_many the batch that starts at `key` (segment, offset).  When Kestrel
+        stored part of it before failing, only what it did not store is sent next time
+        (else every retry would store the stored part again)."""
+        unstored = self._unstored.get(key)
+        pending = unstored if unstored is not None else batch
         try:
-            self.put_many(batch)
-        except SinkUnavailable:
+            self.put_many(pending)
+        except SinkUnavailable as exc:
+            if exc.remaining is not None and len(exc.remaining) < len(pending):
+                self._unstored = {key: list(exc.remaining)}
             return False
         except Exception as exc:  # a client error must not kill the forwarder
             log.warning("forwarding failed: %s", exc)
             return False
-        self.forwarded += len(batch)
+        self._unstored.pop(key, None)
+        self.forwarded += len(pending)
         return True
 
     def run(self, tick_s=0.05):
@@ -352,8 +361,9 @@ class SpoolingSink:
     def put(self, pairs):
         try:
             self.primary.put(pairs)
-        except SinkUnavailable:
-            self.spool.append(pairs)
+        except SinkUnavailable as exc:
+            # Only what Kestrel did not store goes to the spool (no duplicates of the rest).
+            self.spool.append(pairs if exc.remaining is None else exc.remaining)
 
     def ready(self):
         ok, why = self.primary.ready()

@@ -700,3 +700,76 @@ def test_damage_in_the_middle_of_a_segment_is_kept_for_inspection(spool_dir):
     assert put.stored == []
     assert os.path.exists(path + ".damaged") and not os.path.exists(path)
     spool.close()
+
+
+# -- partial failures: what Kestrel stored is not sent again --
+
+class PartialPut:
+    """Stores the first `k` pairs of the first call, then refuses the rest, reporting
+    them as `remaining` (as KestrelSink does with the client's KestrelUnavailable)."""
+
+    def __init__(self, k):
+        self.k = k
+        self.stored = []
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == 1:
+            self.stored.extend(batch[:self.k])
+            raise SinkUnavailable("partly refused", remaining=list(batch[self.k:]))
+        self.stored.extend(batch)
+
+    put = __call__
+
+
+def test_forwarder_resends_only_what_was_not_stored(spool_dir):
+    spool = Spool(spool_dir)
+    spool.append(pairs(10))
+    put = PartialPut(4)
+    forwarder = Forwarder(spool, put)
+    assert not forwarder.forward_once()
+    assert forwarder.forward_once()
+    assert put.stored == pairs(10)               # each exactly once, in order
+    spool.close()
+
+
+def test_spooling_sink_spools_only_what_kestrel_did_not_store(spool_dir):
+    spool = Spool(spool_dir)
+    primary = PartialPut(3)
+    sink = SpoolingSink(primary, spool)
+    sink.put(pairs(5))
+    out = FlakyPut()
+    assert Forwarder(spool, out).forward_once()
+    assert primary.stored == pairs(3) and out.stored == pairs(5)[3:]
+    spool.close()
+
+
+def test_batching_sink_tells_each_request_its_own_unstored_part():
+    release = threading.Event()
+
+    class Inner:
+        def put(self, batch):
+            release.wait(5)
+            # the first request's pairs were stored, the second's were not
+            raise SinkUnavailable("partly", remaining=[p for p in batch if p[0] == "b"])
+
+    sink = BatchingSink(Inner())
+    results = {}
+
+    def send(name):
+        try:
+            sink.put([(name, b"x"), (name, b"y")])
+            results[name] = "stored"
+        except SinkUnavailable as exc:
+            results[name] = [q for q, _ in exc.remaining]
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(5)
+    sink.close()
+    # Whether the two were coalesced into one batch or not, each learns its own share.
+    assert results == {"a": "stored", "b": ["b", "b"]}
