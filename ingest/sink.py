@@ -63,11 +63,12 @@ class KestrelSink:
 
 def _share_of(error, pairs):
     """One request's part of a failed coalesced batch: the same error, with `remaining`
-    narrowed to that request's pairs (payload objects are shared, so identity maps them)."""
+    narrowed to that request's pairs (the client hands back the very pair objects it was
+    given, so identity maps them to their request; equal payloads may share an object)."""
     if error is None or error.remaining is None:
         return error
-    unstored = {id(payload) for _queue, payload in error.remaining}
-    mine = [pair for pair in pairs if id(pair[1]) in unstored]
+    unstored = {id(pair) for pair in error.remaining}
+    mine = [pair for pair in pairs if id(pair) in unstored]
     if not mine:
         return None          # every record of this request was stored
     return SinkUnavailable(str(error), error.retry_after_s, mine)

@@ -365,3 +365,12 @@ def test_read_returns_first_item_found():
     c = ScriptedReads({1: None, 2: b"item"})
     assert c.get("q", timeout=1000) == b"item"
     assert c.calls == [(1, 0), (2, 0)]
+
+
+def test_unstored_hands_back_the_callers_own_pair_objects():
+    """The HTTP worker maps KestrelUnavailable.remaining back to requests by identity."""
+    from ingest.kestrel.client import unstored
+    pairs = [("q", b"x"), ("q", b"x"), ("q", b"y")]
+    left = unstored(pairs, [1])
+    assert left == [pairs[0], pairs[2]] and left[0] is pairs[0] and left[1] is pairs[2]
+    assert all(a is b for a, b in zip(unstored(pairs, []), pairs))
