@@ -404,8 +404,11 @@ class Connection:
         data, self.buf = self.buf[:n], self.buf[n:]
         return data
 
-    def read_lines(self, n):
-        """Exactly n reply lines; on a failure, `.partial` on the error holds those read."""
+    def read_lines(self, n, deadline=None):
+        """Exactly n reply lines; on a failure, `.partial` on the error holds those read.
+
+        `deadline` (time.monotonic()) bounds the whole reply: the socket timeout alone
+        is per recv, so a server trickling replies could hold the caller indefinitely."""
         lines = []
         while True:
             got, self.buf = split_reply_lines(self.buf, n - len(lines))
@@ -413,6 +416,12 @@ class Connection:
             if len(lines) == n:
                 return lines
             try:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.close()
+                        raise KestrelTimeout("%s: reply not complete in time" % self.server.address)
+                    self.sock.settimeout(left)
                 self.fill()
             except KestrelConnectionError as e:
                 e.partial = lines
@@ -584,8 +593,9 @@ class Client:
         return unstored(pairs, stored)
 
     def _send_sets(self, conn, buf, n):
+        deadline = time.monotonic() + self.timeout
         conn.send(buf, self.timeout)
-        lines = conn.read_lines(n)
+        lines = conn.read_lines(n, deadline)
         if lines.count(STORED) != n and count_stored(lines)[1] is not None:
             conn.close()  # Kestrel drops the connection after an error anyway
         else:

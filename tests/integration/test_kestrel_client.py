@@ -352,3 +352,45 @@ def test_many_green_threads_share_one_client(two_fast_servers):
     for s in two_servers:
         stats = queue_stats(s.address, "green")
         assert (stats["items"], stats["open_transactions"]) == (0, 0)
+
+
+def test_a_server_trickling_replies_is_bounded_by_the_timeout():
+    """The read timeout bounds a whole reply, not each recv: a peer that sends STORED
+    one byte every 50 ms (each recv well inside the timeout) is abandoned after ~0.5 s."""
+    import socket as _socket
+    import threading as _threading
+    import time as _time
+    listener = _socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = _threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                for byte in b"STORED\r\n" * 5:
+                    if stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    _time.sleep(0.05)        # the misbehaviour under test, not a wait
+            except OSError:
+                return
+
+    thread = _threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    client = Client(["127.0.0.1:%d" % listener.getsockname()[1]], timeout_ms=500)
+    started = _time.monotonic()
+    try:
+        with pytest.raises(KestrelUnavailable) as info:
+            client.put_many([("q", b"%d" % i) for i in range(5)])
+        took = _time.monotonic() - started
+    finally:
+        stop.set()
+        client.close()
+        listener.close()
+        thread.join(5)
+    assert took < 1.5, took
+    assert len(info.value.remaining) >= 1
