@@ -213,6 +213,8 @@ def serve(settings):
         # Our header names are already canonical; skip eventlet re-capitalising each one.
         capitalize_response_headers=False)
     forwarding = eventlet.spawn(forwarder.run) if forwarder is not None else None
+    if forwarder is not None and settings.spool_sync_ms > 0:
+        eventlet.spawn(forwarder.run_syncer)
     tune_gc()
     log.info("listening on http://%s:%d", settings.host, settings.port)
 

@@ -163,7 +163,7 @@ class Spool:
                 self._synced = max(self._synced, upto)
 
     def sync_if_due(self):
-        """Periodic fsync for sync_ms > 0 (called by the forwarder's loop)."""
+        """Periodic fsync for sync_ms > 0 (Forwarder.run_syncer calls it on a timer)."""
         if self._dirty_since is not None and self.clock() - self._dirty_since >= self.sync_ms / 1000.0:
             self._dirty_since = None
             fd = self._fd
@@ -330,6 +330,17 @@ class Forwarder:
                 log.error("spool forwarder: %s; retrying in %.1fs", exc, self.retry_s)
                 self._pause(tick_s)
         self.stopped = True
+
+    def run_syncer(self):
+        """For --spool-sync-ms > 0: fsync on its own timer, so a long forward (or a
+        forwarder backing off) never stretches the window of unsynced records."""
+        period = self.spool.sync_ms / 1000.0
+        while not self.stopping:
+            time.sleep(min(period, 0.05))
+            try:
+                self.spool.sync_if_due()
+            except Exception as exc:
+                log.error("spool fsync: %s", exc)
 
     def _pause(self, tick_s):
         deadline = time.monotonic() + self.retry_s

@@ -773,3 +773,22 @@ def test_batching_sink_tells_each_request_its_own_unstored_part():
     sink.close()
     # Whether the two were coalesced into one batch or not, each learns its own share.
     assert results == {"a": "stored", "b": ["b", "b"]}
+
+
+def test_periodic_fsync_runs_on_its_own_timer(spool_dir):
+    """With sync_ms > 0 an append returns before any fsync, and the syncer makes it
+    durable within about sync_ms even though no forwarder pass runs."""
+    log = FsyncLog()
+    spool = Spool(spool_dir, sync_ms=30, run_blocking=log)
+    forwarder = Forwarder(spool, FlakyPut())
+    spool.append(pairs(1))
+    assert log.calls == []
+    thread = threading.Thread(target=forwarder.run_syncer, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not log.calls and time.monotonic() < deadline:
+        time.sleep(0.005)                        # poll interval
+    forwarder.stopping = True
+    thread.join(5)
+    assert log.calls, "no fsync within 5 s"
+    spool.close()
