@@ -28,6 +28,8 @@ import threading
 import time
 import zlib
 
+from ingest.fileio import fsync_dir as _fsync_dir
+from ingest.fileio import write_all as _write_all
 from ingest.sink import SinkUnavailable
 
 log = logging.getLogger("ingest.spool")
@@ -385,13 +387,6 @@ class SpoolingSink:
         return False, "spool full and %s" % why
 
 
-def _write_all(fd, buf):
-    view = memoryview(buf)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def _torn_tail(data, end):
     """Is what follows `end` one frame cut short (a crash mid-write), not damage?"""
     rest = len(data) - end
@@ -406,14 +401,6 @@ def _unlink_quietly(path):
         os.unlink(path)
     except OSError:
         pass
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_pos(path):

@@ -26,6 +26,8 @@ import posix
 import struct
 import zlib
 
+from ingest.fileio import fsync_dir, write_all
+
 log = logging.getLogger("ingest.queue.journal")
 
 # Exit status after a journal I/O error (EX_TEMPFAIL): supervisord restarts the server,
@@ -283,18 +285,8 @@ def _write_records(fd, records, chunk_bytes=4 * 1024 * 1024):
 
 
 def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        n = _raw_write(fd, view)
-        view = view[n:]
-
-
-def fsync_dir(path):
-    fd = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # _raw_write is looked up at each call, so tests can stand in a failing write.
+    write_all(fd, data, _raw_write)
 
 
 def load(path):
