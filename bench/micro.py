@@ -71,7 +71,6 @@ def time_app(app, cases, seconds, sink=None):
     """Call `app` over the cases repeatedly for about `seconds`; returns figures."""
     calls = 0
     stored = 0
-    statuses = {}
     elapsed = 0.0
     while elapsed < seconds:
         if sink is not None:

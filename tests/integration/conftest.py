@@ -28,3 +28,12 @@ def make_worker(tmp_path):
 @pytest.fixture
 def worker(queue_server, make_worker):
     return make_worker(queue_server.address)
+
+
+@pytest.fixture
+def two_servers(tmp_path):
+    """Two bundled queue servers, for cluster behaviour (failover, reads over servers)."""
+    servers = [QueueServer(tmp_path, name="q%d" % i).start() for i in range(2)]
+    yield servers
+    for s in servers:
+        s.proc.stop()

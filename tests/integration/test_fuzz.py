@@ -23,7 +23,6 @@ import gzip
 import json
 import os
 import random
-import re
 import select
 import socket
 import time

@@ -16,6 +16,7 @@ import pytest
 from ingest.kestrel import Client, KestrelError
 from ingest.kestrel.client import InvalidQueueName, KestrelUnavailable
 from tests.support.procs import ROOT, QueueServer
+from tests.support.queues import queue_stats
 
 
 class Clock:
@@ -26,20 +27,6 @@ class Clock:
 
     def __call__(self):
         return self.now
-
-
-@pytest.fixture
-def two_servers(tmp_path):
-    servers = [QueueServer(tmp_path, name="q%d" % i).start() for i in range(2)]
-    yield servers
-    for s in servers:
-        s.proc.stop()
-
-
-def queue_stats(address, queue):
-    with Client([address]) as c:
-        stats = c.stats()[address]
-    return stats["queues"].get(queue, {})
 
 
 def drain(address, queue):

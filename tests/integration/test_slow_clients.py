@@ -9,7 +9,6 @@ is contacted; every socket is closed and the worker is stopped by pid afterwards
 import base64
 import os
 import resource
-import socket
 import threading
 import time
 

@@ -4,10 +4,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from ingest.kestrel import Client
-from tests.support.procs import ROOT, QueueServer, free_port
+from tests.support.procs import ROOT, free_port
+from tests.support.queues import queue_stats
 
 
 def ingest(*args, timeout=30):
@@ -15,17 +15,6 @@ def ingest(*args, timeout=30):
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def queue_stats(address, queue):
-    with Client([address]) as c:
-        return c.stats()[address]["queues"].get(queue, {})
-
-
-@pytest.fixture
-def two_servers(tmp_path):
-    servers = [QueueServer(tmp_path, name="t%d" % i).start() for i in range(2)]
-    yield servers
-    for s in servers:
-        s.proc.stop()
 
 
 def records(n, prefix="r"):

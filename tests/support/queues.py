@@ -97,3 +97,9 @@ def pop_filled_time(properties, start_s, end_s, slack_s=2.0):
     assert start_s - slack_s <= value <= end_s + slack_s, \
         "filled time %r outside [%r, %r]" % (value, start_s, end_s)
     return value
+
+
+def queue_stats(address, queue):
+    """One queue's stats on one server ({} when the server does not know the queue)."""
+    with Client([address]) as client:
+        return client.stats()[address]["queues"].get(queue, {})
