@@ -50,8 +50,7 @@ def check_values(obj, ctx, field, depth=0):
     per-value Python loop runs only for requests with long data or nested values.
     """
     if depth > ctx.max_depth:
-        raise RecordRejected("too_deep", field,
-                             "%s is nested deeper than %d levels" % (field, ctx.max_depth))
+        raise RecordRejected("too_deep", field, "record", limit=ctx.max_depth)
     values = obj.values() if type(obj) is dict else obj
     if ctx.long_strings:
         limit = ctx.max_string
@@ -59,8 +58,7 @@ def check_values(obj, ctx, field, depth=0):
             kind = type(value)
             if kind is str:
                 if len(value) > limit:
-                    raise RecordRejected("string_too_long", field, "%s has a string longer"
-                                         " than %d characters" % (field, limit))
+                    raise RecordRejected("string_too_long", field, limit=limit)
             elif kind is dict or kind is list:
                 check_values(value, ctx, field, depth + 1)
         return
@@ -82,8 +80,7 @@ def _required_str(value, reason, field):
     """`value` if it is a non-empty string, else RecordRejected naming `field`."""
     if isinstance(value, str) and value != "":
         return value
-    raise RecordRejected(reason, field, "%s is missing" % field if value is None
-                         else "%s must be a non-empty string" % field)
+    raise RecordRejected(reason, field, "message" if value is None else "wrong_type")
 
 
 def _nonempty_str(value):
@@ -99,26 +96,23 @@ def _event_time(props, ctx, importing):
     t = props.get("time")
     if t is None:
         if importing:
-            raise RecordRejected("missing_time", "properties.time", "properties.time is missing")
+            raise RecordRejected("missing_time", "properties.time")
         props["time"] = round(ctx.now, 3)
         return
     # The bound keeps t / 1000.0 from overflowing on a 400-digit integer.
     if not _number(t) or not -MAX_TIME_MAGNITUDE < t < MAX_TIME_MAGNITUDE:
-        raise RecordRejected("invalid_time", "properties.time", "properties.time must be a number")
+        raise RecordRejected("invalid_time", "properties.time")
     if t > MS_THRESHOLD:
         t = t / 1000.0
         props["time"] = t
     if importing:
         if t < IMPORT_MIN_TIME_S:
-            raise RecordRejected("time_too_old", "properties.time",
-                                 "properties.time is before 1971")
+            raise RecordRejected("time_too_old", "properties.time", "before_1971")
         if t > ctx.now + MAX_FUTURE_S:
-            raise RecordRejected("time_in_future", "properties.time",
-                                 "properties.time is more than an hour in the future")
+            raise RecordRejected("time_in_future", "properties.time")
     else:
         if t < ctx.now - MAX_AGE_S:
-            raise RecordRejected("time_too_old", "properties.time",
-                                 "properties.time is more than 5 days old (use /import)")
+            raise RecordRejected("time_too_old", "properties.time")
         if t > ctx.now + MAX_FUTURE_S:
             props["time"] = round(ctx.now, 3)
 
@@ -126,26 +120,23 @@ def _event_time(props, ctx, importing):
 def clean_event(record, ctx, importing=False):
     """/track (and /import with importing=True): returns the record's token."""
     if not isinstance(record, dict):
-        raise RecordRejected("not_an_object", "record", "record is not a JSON object")
+        raise RecordRejected("not_an_object", "record")
     _required_str(record.get("event"), "invalid_event", "event")
     props = record.get("properties")
     if not isinstance(props, dict):
         raise RecordRejected("invalid_properties", "properties",
-                             "properties is missing" if props is None else "properties must be an object")
+                             "message" if props is None else "wrong_type")
     token = _required_str(props.get("token"), "missing_token", "properties.token")
     if len(props) > ctx.max_properties:
-        raise RecordRejected("too_many_properties", "properties",
-                             "properties has more than %d keys" % ctx.max_properties)
+        raise RecordRejected("too_many_properties", "properties", limit=ctx.max_properties)
     check_values(props, ctx, "properties")
     if len(record) > 2:   # anything besides event and properties gets the same limits
         _check_other_keys(record, ("event", "properties"), ctx)
     if importing:
         if props.get("distinct_id") in (None, ""):
-            raise RecordRejected("missing_distinct_id", "properties.distinct_id",
-                                 "properties.distinct_id is missing")
+            raise RecordRejected("missing_distinct_id", "properties.distinct_id")
         if not _nonempty_str(props.get("$insert_id")):
-            raise RecordRejected("missing_insert_id", "properties.$insert_id",
-                                 "properties.$insert_id is missing")
+            raise RecordRejected("missing_insert_id", "properties.$insert_id")
     _event_time(props, ctx, importing)
     props["mp_processing_time_ms"] = ctx.now_ms
     if ctx.ip is not None and "ip" not in props:
@@ -156,27 +147,25 @@ def clean_event(record, ctx, importing=False):
 def _clean_update(record, ctx, ids, ops):
     """/engage and /groups share a shape: $token, identity keys, exactly one operation."""
     if not isinstance(record, dict):
-        raise RecordRejected("not_an_object", "record", "record is not a JSON object")
+        raise RecordRejected("not_an_object", "record")
     token = _required_str(record.get("$token"), "missing_token", "$token")
     for key in ids:
         value = record.get(key)
         if not (_nonempty_str(value) or _number(value)):
-            raise RecordRejected("missing_" + key[1:], key, "%s is missing" % key)
+            raise RecordRejected("missing_" + key[1:], key)
     present = [op for op in ops if op in record]
     if len(present) != 1:
-        raise RecordRejected("invalid_operation", "operation",
-                             "expected exactly one of %s, got %s"
-                             % (" ".join(ops), " ".join(present) or "none"))
+        raise RecordRejected("invalid_operation", "operation", ops=" ".join(ops),
+                             present=" ".join(present) or "none")
     op = present[0]
     wanted = _OP_TYPES.get(op)
     if wanted is not None:
         value = record[op]
         if not isinstance(value, wanted):
-            raise RecordRejected("invalid_operation", op, "%s must be %s"
-                                 % (op, "an object" if wanted is dict else "an array"))
+            raise RecordRejected("invalid_operation", op, "wrong_type",
+                                 kind="an object" if wanted is dict else "an array")
         if len(value) > ctx.max_properties:
-            raise RecordRejected("too_many_properties", op,
-                                 "%s has more than %d keys" % (op, ctx.max_properties))
+            raise RecordRejected("too_many_properties", op, limit=ctx.max_properties)
         check_values(value, ctx, op)
     _check_other_keys(record, (op,), ctx)
     if ctx.ip is not None and "$ip" not in record:

@@ -55,8 +55,7 @@ def read_params(query_string, content_type, body):
         elif media in FORM_TYPES or media.startswith("text/"):
             parse_pairs(_text(body), params)
         else:
-            raise IngestError(415, "unsupported_content_type",
-                              "body must be form-urlencoded, text/plain or JSON")
+            raise IngestError("unsupported_content_type")
     return params
 
 
@@ -64,7 +63,7 @@ def _text(body):
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:
-        raise IngestError(200, "invalid_utf8", "request body is not valid UTF-8") from None
+        raise IngestError("invalid_utf8", "body") from None
 
 
 def _no_constants(name):
@@ -81,10 +80,10 @@ def loads(text):
     try:
         return _DECODER.decode(text)
     except RecursionError:
-        raise IngestError(400, "too_deep", "data is nested too deeply") from None
+        raise IngestError("too_deep") from None
     except (ValueError, TypeError):
         # JSONDecodeError is a ValueError; so is int() refusing a 5,000-digit number.
-        raise IngestError(200, "invalid_json", "data is not valid JSON") from None
+        raise IngestError("invalid_json") from None
 
 
 def b64decode(value):
@@ -95,14 +94,14 @@ def b64decode(value):
     try:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
-        raise IngestError(200, "invalid_base64", "data is neither JSON nor valid base64") from None
+        raise IngestError("invalid_base64") from None
 
 
 def decode_data(value):
     """The `data` parameter -> list of raw records (whatever JSON values they are)."""
     first = _FIRST_CHAR.match(value) if value is not None else None
     if first is None:
-        raise IngestError(200, "missing_data", "data parameter is missing")
+        raise IngestError("missing_data")
     # PERF: a regex finds the first non-space character without copying a 10 MB value.
     if first.group(1) in "{[":
         parsed = loads(value)
@@ -111,10 +110,10 @@ def decode_data(value):
         try:
             text = decoded.decode("utf-8")
         except UnicodeDecodeError:
-            raise IngestError(200, "invalid_utf8", "data is not valid UTF-8") from None
+            raise IngestError("invalid_utf8") from None
         parsed = loads(text)
     if isinstance(parsed, dict):
         return [parsed]
     if isinstance(parsed, list):
         return parsed
-    raise IngestError(200, "invalid_data", "data must be a JSON object or array")
+    raise IngestError("invalid_data")
