@@ -94,8 +94,8 @@ def time_app(app, cases, seconds, sink=None):
 def bench_app(entries, seconds):
     from bench.hello import app as hello_app
     from ingest import config
-    from ingest.app import make_app
-    from ingest.sink import MemorySink
+    from ingest.http import make_app
+    from ingest.sinks.memory import MemorySink
     import logging
     logging.disable(logging.WARNING)  # the ~1% malformed requests log a warning each
     cases = [environ_template(e) for e in entries]
@@ -116,7 +116,7 @@ def bench_app(entries, seconds):
 # (per record, the default table), encode (cleaned record -> the queue item's bytes).
 def bench_stages(entries, seconds):
     from ingest import clean as cleaning, decode, routing
-    from ingest.app import _encode
+    from ingest.encode import to_json as _encode
     from ingest.errors import IngestError, RecordRejected
     inputs = []
     for env, body in (environ_template(e) for e in entries):

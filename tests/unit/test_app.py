@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from ingest.app import AppState
+from ingest.http.app import AppState
 
 from .golden.harness import (NOW, NOW_MS, b64, basic, call, form, gz, make, qs)
 

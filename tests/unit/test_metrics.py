@@ -2,9 +2,10 @@
 import io
 
 from ingest import config
-from ingest.app import AppState, make_app
+from ingest.http import make_app
+from ingest.http.app import AppState
 from ingest.metrics import Metrics
-from ingest.sink import MemorySink
+from ingest.sinks.memory import MemorySink
 
 
 def call(app, path, query=""):

@@ -12,10 +12,10 @@ import sys
 from urllib.parse import quote
 from wsgiref.validate import validator
 
-from ingest.app import make_app
+from ingest.http import make_app
 from ingest.config import resolve
 from ingest.routing import RoutingTable
-from ingest.sink import MemorySink
+from ingest.sinks.memory import MemorySink
 
 NOW = 1_800_000_000.123          # the fixed arrival time (2027-01-15) most tests use
 NOW_MS = 1_800_000_000_123

@@ -1,0 +1,191 @@
+"""The WSGI application: one request through decode -> clean -> route -> enqueue -> respond.
+
+What it is for: `App.__call__` is the WSGI callable.  It admits a request (header count,
+path, method, in-flight limits), reads it (ingest/http/request.py), decodes the data
+(ingest/decode.py), cleans each record (ingest/clean.py), routes it (ingest/routing),
+encodes it (ingest/encode.py) and hands the batch to the sink, whose put() returns only
+once every record is STORED or spooled; then it answers (ingest/http/answers.py).
+
+What it must not do: touch eventlet or sockets (any WSGI server can host it; unit tests
+drive it with an in-memory sink and a fixed clock), create anything at import time, or
+answer an error any other way than through answers.error().
+"""
+import logging
+import time
+
+from ingest import clean as cleaning
+from ingest import decode
+from ingest.encode import encode_record
+from ingest.errors import IngestError, RecordRejected
+from ingest.http import admin, answers, request
+from ingest.http.access_log import access_line
+from ingest.routing import BLOCKED
+from ingest.sinks import SinkUnavailable
+
+log = logging.getLogger("ingest.app")
+
+
+class AppState:
+    """Mutable per-process state the server shares with the app (single event loop)."""
+
+    def __init__(self):
+        self.draining = False
+        self.in_flight = 0
+        self.body_bytes = 0        # Content-Length of the requests in flight, together
+
+
+def _no_count(*_args):
+    pass
+
+
+class App:
+    """Build with make_app(); `state` and `router` are shared with the worker bootstrap."""
+
+    def __init__(self, settings, sink, clock=time.time, router=None, state=None, metrics=None,
+                 access_log=None, timer=time.perf_counter):
+        if router is None:
+            from ingest.routing import Router
+            router = Router(settings.routes)
+        self.settings = settings
+        self.sink = sink
+        self.clock = clock
+        self.timer = timer
+        self.router = router
+        self.state = state or AppState()
+        self.metrics = metrics
+        self.access_log = access_log
+        self.client_ip = request.ClientIP(settings.trusted_proxies)
+        self.cleaners = {name: cleaning.cleaner(name) for name in request.ENDPOINTS}
+        self.count = metrics.count if metrics is not None else _no_count
+        self.observed = metrics is not None or access_log is not None
+
+    def __call__(self, environ, start_response):
+        if not self.observed:
+            return self.dispatch(environ, start_response)
+        started = self.timer()
+        body = self.dispatch(environ, start_response)
+        elapsed = self.timer() - started
+        status = environ.get("ingest.status", 0)
+        if self.metrics is not None:
+            self.metrics.request(environ.get("ingest.endpoint") or "other", status, elapsed)
+        if self.access_log is not None:
+            self.access_log(access_line(environ, status, elapsed, self.clock, self.client_ip))
+        return body
+
+    # -- admission ---------------------------------------------------------------------
+
+    def dispatch(self, environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        endpoint = environ["ingest.endpoint"] = request.endpoint_of(path)
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if request.too_many_headers(environ, self.settings.max_headers):
+                raise IngestError("too_many_headers", limit=self.settings.max_headers)
+            if endpoint is None:
+                return admin.operator_path(self, environ, start_response, path, method)
+            if method == "OPTIONS":
+                return answers.preflight(environ, start_response)
+            if method not in ("GET", "POST"):
+                raise IngestError("method_not_allowed")
+            body_bytes = self.admit(environ)
+        except IngestError as exc:
+            if endpoint is not None:
+                self.count("request_error", endpoint, exc.reason)
+            return answers.error(environ, start_response, exc)
+        state = self.state
+        state.in_flight += 1
+        state.body_bytes += body_bytes
+        try:
+            return self.handle(environ, start_response, endpoint)
+        except Exception:
+            log.exception("unhandled error on %s", endpoint)
+            return answers.error(environ, start_response, IngestError("internal"))
+        finally:
+            state.in_flight -= 1
+            state.body_bytes -= body_bytes
+
+    def admit(self, environ):
+        """Refuse (503 + Retry-After) when the worker is draining or full; else the body
+        bytes this request reserves.  Bodies are read whole, so what all requests in
+        flight may hold together is capped."""
+        state, settings = self.state, self.settings
+        if state.draining:
+            # A request read now arrived on a connection the server is shutting, so its
+            # answer may never be delivered; storing it would only make a duplicate of
+            # the client's retry.  Requests already in flight finish normally.
+            raise IngestError("draining")
+        body_bytes = min(request.content_length(environ), settings.max_body_bytes)
+        if state.in_flight >= settings.max_in_flight or (
+                state.in_flight and
+                state.body_bytes + body_bytes > settings.max_body_bytes_in_flight):
+            raise IngestError("overloaded")
+        return body_bytes
+
+    # -- the pipeline ------------------------------------------------------------------
+
+    def handle(self, environ, start_response, endpoint):
+        answer = None
+        try:
+            body = request.read_body(environ, self.settings.max_body_bytes)
+            params = decode.read_params(environ.get("QUERY_STRING", ""),
+                                        environ.get("CONTENT_TYPE", ""), body)
+            answer = answers.Answer(params, endpoint)
+            accepted, rejected, records = self.process(environ, endpoint, params)
+        except IngestError as exc:
+            if answer is None:
+                answer = answers.query_answer(environ, endpoint)
+            if exc.status >= 400:
+                log.warning("%s %s: %s", endpoint, exc.status, exc.reason)
+            self.count("request_error", endpoint, exc.reason)
+            return answers.error(environ, start_response, exc, answer)
+        except SinkUnavailable as exc:
+            log.warning("%s 503: %s", endpoint, exc)
+            self.count("request_error", endpoint, "unavailable")
+            return answers.error(environ, start_response,
+                                 IngestError("unavailable", retry_after_s=exc.retry_after_s))
+        status, out, ctype = answers.processed(answer, accepted, rejected, records)
+        return answers.finish(environ, start_response, answer, status, out, ctype)
+
+    def process(self, environ, endpoint, params):
+        """Decode, clean, route and store; returns (accepted, rejected list, records)."""
+        table = self.router.table
+        secret = request.proven_secret(environ, params, table) if endpoint == "import" else None
+        data = params.get("data")
+        records = decode.decode_data(data)
+        limit = self.settings.max_records
+        if len(records) > limit:
+            raise IngestError("too_many_records", count=len(records), limit=limit)
+        now = self.clock()
+        ip = self.client_ip(environ) if params.get("ip") in request.TRUE else None
+        s = self.settings
+        ctx = cleaning.Context(now, ip, s.max_properties, s.max_depth, s.max_string_chars,
+                               len(data))
+        pairs, rejected, accepted = self.route_all(endpoint, records, ctx, table, secret, now)
+        environ["ingest.accepted"] = accepted
+        environ["ingest.rejected"] = len(rejected)
+        if pairs:
+            self.sink.put(pairs)
+            if self.metrics is not None:
+                self.metrics.accepted_pairs(endpoint, pairs)
+        return accepted, rejected, records
+
+    def route_all(self, endpoint, records, ctx, table, secret, now):
+        """Clean, check, route and encode each record: (queue, payload) pairs, the
+        rejected (index, RecordRejected) list and how many were accepted (a blocked
+        token's records count as accepted but are not queued)."""
+        clean = self.cleaners[endpoint]
+        max_record_bytes = self.settings.max_record_bytes
+        pairs, rejected, accepted = [], [], 0
+        for i, record in enumerate(records):
+            try:
+                token = clean(record, ctx)
+                if secret is not None and table.secret(token) != secret:
+                    raise RecordRejected("forbidden_token", "properties.token")
+                queue = table.route(endpoint, token, now)
+                if queue is not BLOCKED:
+                    pairs.append((queue, encode_record(record, max_record_bytes)))
+                accepted += 1
+            except RecordRejected as exc:
+                rejected.append((i, exc))
+                self.count("rejected", endpoint, exc.reason)
+        return pairs, rejected, accepted
