@@ -13,7 +13,7 @@ Stand-alone script, not a test.
     CPU time per acknowledged event (from /proc; steadier than events/s on a busy
     machine): medians of --rounds interleaved runs (the load average is printed).
 (b) Forwarding: builds a spool of 1,000,000 records (~250 bytes of JSON each, like a
-    cleaned event) in-process with ingest.spool.Spool.append, then times `ingest spool
+    cleaned event) in-process with ingest.sinks.spool.Spool.append, then times `ingest spool
     forward DIR --kestrel ...` (core 0) into a fresh `ingest queue --sync-ms 100` (core 1)
     and checks the queue holds every record.
 
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ingest.kestrel import Client  # noqa: E402
-from ingest.spool import Spool  # noqa: E402
+from ingest.sinks.spool import Spool  # noqa: E402
 from tests.support.load import Load  # noqa: E402
 from tests.support.procs import free_port, port_open  # noqa: E402
 

@@ -2,7 +2,7 @@
 server choice and back-off (with an injected clock), and the write failover bookkeeping."""
 import pytest
 
-from ingest import tools
+from ingest.commands import consume, stats
 from ingest.kestrel import client as kc
 
 
@@ -280,7 +280,7 @@ def test_add_many_encodes_str_as_utf8():
     (b'"s\xc3\xa9"', '"s\xe9"'),
 ])
 def test_item_line(data, line):
-    assert tools.item_line(data) == line
+    assert consume.item_line(data) == line
     assert "\n" not in line
 
 
@@ -295,14 +295,14 @@ def test_summarise_rates_and_down_servers():
                                         "new": {"items": 10, "total_items": 10}}},
                      "b:2": None,
                      "c:3": {"server": {"total_items": 5}, "queues": {}}})
-    s = tools.summarise(first, second)
+    s = stats.summarise(first, second)
     assert s["b:2"] is None
     assert s["a:1"]["rate"] == 30.0 and s["a:1"]["total_items"] == 160
     assert s["a:1"]["queues"]["q"] == {"items": 7, "total_items": 150, "bytes": 70,
                                        "open_transactions": 1, "rate": 25.0}
     assert s["a:1"]["queues"]["new"]["rate"] == 5.0
     assert s["c:3"]["rate"] is None  # down at the first sample: no rate yet
-    table = tools.format_table(s)
+    table = stats.format_table(s)
     lines = table.splitlines()
     assert lines[0].split() == ["server", "queue", "items", "total_items", "open", "bytes",
                                 "items/s"]

@@ -1,4 +1,4 @@
-"""Unit tests of the local spool (ingest/spool.py) and the sinks around it (ingest/sink.py).
+"""Unit tests of the local spool (ingest/sinks/spool.py) and the sinks around it (ingest/sinks/).
 
 Framing and torn tails, segment rotation, the size cap, group-commit fsync, the
 forwarder's order / deletion / `.pos` progress against an in-memory put that can fail,
@@ -11,9 +11,12 @@ import time
 
 import pytest
 
-from ingest.sink import BatchingSink, MemorySink, SinkUnavailable
-from ingest.spool import (HEADER, Forwarder, Spool, SpoolFull, SpoolingSink, encode_frame,
-                          read_frames)
+from ingest.sinks import SinkUnavailable
+from ingest.sinks.batching import BatchingSink
+from ingest.sinks.fallback import SpoolingSink
+from ingest.sinks.forwarder import Forwarder
+from ingest.sinks.memory import MemorySink
+from ingest.sinks.spool import HEADER, Spool, SpoolFull, encode_frame, read_frames
 
 
 def pairs(n, start=0, queue="events", size=0):
@@ -601,7 +604,7 @@ def test_spooling_over_batching_spools_a_failed_batch_for_every_request(spool_di
 # -- disk and descriptor failures (no acknowledged record may be lost) --
 
 def test_a_failed_write_is_not_acknowledged_and_later_records_stay_readable(spool_dir, monkeypatch):
-    from ingest import spool as spool_module
+    from ingest.sinks import spool as spool_module
     spool = Spool(spool_dir)
     spool.append(pairs(1, start=0))
     real_write = os.write
@@ -629,7 +632,7 @@ def test_a_failed_write_is_not_acknowledged_and_later_records_stay_readable(spoo
 
 
 def test_a_failed_rotation_leaves_the_spool_as_it_was(spool_dir, monkeypatch):
-    from ingest import spool as spool_module
+    from ingest.sinks import spool as spool_module
     spool = Spool(spool_dir)
     spool.append(pairs(1, start=0))
     real = spool_module._fsync_dir
@@ -656,17 +659,17 @@ def test_a_failed_rotation_leaves_the_spool_as_it_was(spool_dir, monkeypatch):
 
 
 def test_the_forwarder_survives_errors_and_keeps_forwarding(spool_dir, monkeypatch):
-    from ingest import spool as spool_module
+    from ingest.sinks import forwarder as forwarder_module
     spool = Spool(spool_dir)
     spool.append(pairs(5))
-    real = spool_module._write_pos
+    real = forwarder_module._write_pos
     failures = {"n": 0}
 
     def full_disk(path, offset):
         failures["n"] += 1
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_module, "_write_pos", full_disk)
+    monkeypatch.setattr(forwarder_module, "_write_pos", full_disk)
     put = FlakyPut()
     forwarder = Forwarder(spool, put, batch_records=2, retry_s=0.01)
     thread = threading.Thread(target=forwarder.run, kwargs={"tick_s": 0.005}, daemon=True)
@@ -675,7 +678,7 @@ def test_the_forwarder_survives_errors_and_keeps_forwarding(spool_dir, monkeypat
     while failures["n"] < 2 and time.monotonic() < deadline:
         time.sleep(0.005)                        # poll interval
     assert failures["n"] >= 2 and thread.is_alive()
-    monkeypatch.setattr(spool_module, "_write_pos", real)
+    monkeypatch.setattr(forwarder_module, "_write_pos", real)
     while not (set(put.stored) >= set(pairs(5)) and not forwarder.pending()) \
             and time.monotonic() < deadline:
         time.sleep(0.005)                        # poll interval

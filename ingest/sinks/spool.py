@@ -1,21 +1,16 @@
 """The local disk spool: where records go when no Kestrel server takes them.
 
 Acknowledgement rule (shared/docs/DESIGN.md): a request is answered as accepted only once
-every record is STORED by Kestrel or appended here under the fsync policy.  So:
-
-- `Spool.append(pairs)` writes one framed record per (queue, payload) to the active
-  segment with os.write (a process crash after it returns loses nothing), then fsyncs
-  per `sync_ms` (0 = before returning, group-committed: concurrent appenders share one
-  fsync).  Frames carry length and CRC-32, so a torn tail from a crash is detected and
-  dropped at replay; nothing before it is lost.
-- `Forwarder` sends spooled records to Kestrel oldest first and deletes a segment only
-  after every record in it was STORED.  Its progress inside a segment is kept in a small
-  `.pos` file (not fsynced: losing it only means re-sending, i.e. duplicates, never loss).
-  Delivery is at-least-once.
-- One process owns a spool directory at a time (an flock on DIR/lock).
+every record is STORED by Kestrel or appended here under the fsync policy.  So
+`Spool.append(pairs)` writes one framed record per (queue, payload) to the active segment
+with os.write (a process crash after it returns loses nothing), then fsyncs per `sync_ms`
+(0 = before returning, group-committed: concurrent appenders share one fsync).  Frames
+carry length and CRC-32, so a torn tail from a crash is detected and dropped at replay;
+nothing before it is lost.  One process owns a spool directory at a time (an flock on
+DIR/lock).  Reading it back is ingest/sinks/forwarder.py's job.
 
 This module uses `threading` primitives only; under eventlet's monkey patching they are
-green.  The blocking fsync is run through `run_blocking` (the server passes
+green.  The blocking fsync is run through `run_blocking` (the worker passes
 eventlet.tpool.execute) so other green threads keep serving meanwhile.
 """
 import errno
@@ -30,7 +25,7 @@ import zlib
 
 from ingest.fileio import fsync_dir as _fsync_dir
 from ingest.fileio import write_all as _write_all
-from ingest.sink import SinkUnavailable
+from ingest.sinks import SinkUnavailable
 
 log = logging.getLogger("ingest.spool")
 
@@ -62,6 +57,16 @@ def read_frames(data, start=0):
             return
         yield end, bytes(q).decode("utf-8", "replace"), bytes(payload)
         pos = end
+
+
+def torn_tail(data, end):
+    """Is what follows `end` one frame cut short (a crash mid-write), not damage?"""
+    rest = len(data) - end
+    if rest < HEADER.size:
+        return True
+    length, _crc, qlen = HEADER.unpack_from(data, end)
+    return end + HEADER.size + qlen + length > len(data)
+
 
 
 class SpoolFull(SinkUnavailable):
@@ -243,177 +248,11 @@ class Spool:
         os.close(self._lock_fd)
 
 
-class Forwarder:
-    """Moves spooled records to Kestrel, oldest first; deletes what was STORED."""
-
-    def __init__(self, spool, put_many, batch_records=1000, retry_s=1.0):
-        self.spool = spool
-        self.put_many = put_many
-        self.batch_records = batch_records
-        self.retry_s = retry_s
-        self.forwarded = 0
-        self.stopping = False
-        self.stopped = False
-        self._unstored = {}      # (segment, batch offset) -> the part Kestrel did not store
-
-    def pending(self):
-        return bool(self.spool.closed_segments()) or self.spool._active_size > 0
-
-    def forward_once(self):
-        """Forward every closed segment (sealing the active one first when it is the only
-        one with data).  True when all of them went through, False when Kestrel refused
-        (try again later); records appended meanwhile wait for the next call."""
-        if not self.spool.closed_segments():
-            self.spool.seal_active()
-        for seq in self.spool.closed_segments():
-            if not self._forward_segment(seq):
-                return False
-        return True
-
-    def _forward_segment(self, seq):
-        path = self.spool.path(seq)
-        pos_path = path + ".pos"
-        with open(path, "rb") as fh:
-            data = fh.read()
-        start = _read_pos(pos_path)
-        batch, end, batch_start = [], start, start
-        for end_offset, queue, payload in read_frames(data, start):
-            batch.append((queue, payload))
-            if len(batch) >= self.batch_records:
-                if not self._send(batch, (seq, batch_start)):
-                    return False
-                _write_pos(pos_path, end_offset)
-                batch, batch_start = [], end_offset
-            end = end_offset
-        if batch and not self._send(batch, (seq, batch_start)):
-            return False
-        if end != len(data) and not _torn_tail(data, end):
-            # Damage in the middle (not a crash's torn tail): keep the file for a person.
-            log.error("%s: unreadable frame at byte %d of %d; kept as %s.damaged",
-                      path, end, len(data), path)
-            os.replace(path, path + ".damaged")
-        else:
-            if end != len(data):
-                log.warning("%s: dropped a torn tail at byte %d of %d (written during a crash;"
-                            " never acknowledged)", path, end, len(data))
-            os.unlink(path)
-        if os.path.exists(pos_path):
-            os.unlink(pos_path)
-        self.spool.forgot(seq, len(data))
-        return True
-
-    def _send(self, batch, key):
-        """put_many the batch that starts at `key` (segment, offset).  When Kestrel
-        stored part of it before failing, only what it did not store is sent next time
-        (else every retry would store the stored part again)."""
-        unstored = self._unstored.get(key)
-        pending = unstored if unstored is not None else batch
-        try:
-            self.put_many(pending)
-        except SinkUnavailable as exc:
-            if exc.remaining is not None and len(exc.remaining) < len(pending):
-                self._unstored = {key: list(exc.remaining)}
-            return False
-        except Exception as exc:  # a client error must not kill the forwarder
-            log.warning("forwarding failed: %s", exc)
-            return False
-        self._unstored.pop(key, None)
-        self.forwarded += len(pending)
-        return True
-
-    def run(self, tick_s=0.05):
-        """The background loop: forward when there is data, retry after retry_s.
-
-        No error may end it: a forwarder that died would leave the spool to fill up."""
-        while not self.stopping:
-            try:
-                self._pass(tick_s)
-            except Exception as exc:
-                log.error("spool forwarder: %s; retrying in %.1fs", exc, self.retry_s)
-                self._pause(tick_s)
-        self.stopped = True
-
-    def run_syncer(self):
-        """For --spool-sync-ms > 0: fsync on its own timer, so a long forward (or a
-        forwarder backing off) never stretches the window of unsynced records."""
-        period = self.spool.sync_ms / 1000.0
-        while not self.stopping:
-            time.sleep(min(period, 0.05))
-            try:
-                self.spool.sync_if_due()
-            except Exception as exc:
-                log.error("spool fsync: %s", exc)
-
-    def _pause(self, tick_s):
-        deadline = time.monotonic() + self.retry_s
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(tick_s)
-
-    def _pass(self, tick_s):
-        self.spool.sync_if_due()
-        if self.spool.has_data.wait(tick_s):
-            if self.forward_once():
-                if not self.pending():
-                    self.spool.has_data.clear()
-                    if self.pending():          # an append raced with the clear
-                        self.spool.has_data.set()
-            else:
-                deadline = time.monotonic() + self.retry_s
-                while not self.stopping and time.monotonic() < deadline:
-                    self.spool.sync_if_due()
-                    time.sleep(tick_s)
-
-
-class SpoolingSink:
-    """Primary sink first; when it cannot take a batch, the spool does."""
-
-    def __init__(self, primary, spool):
-        self.primary = primary
-        self.spool = spool
-
-    def put(self, pairs):
-        try:
-            self.primary.put(pairs)
-        except SinkUnavailable as exc:
-            # Only what Kestrel did not store goes to the spool (no duplicates of the rest).
-            self.spool.append(pairs if exc.remaining is None else exc.remaining)
-
-    def ready(self):
-        ok, why = self.primary.ready()
-        if ok:
-            return ok, why
-        if not self.spool.full and self.spool.size_bytes() < self.spool.max_bytes:
-            return True, "spooling (%s)" % why
-        return False, "spool full and %s" % why
-
-
-def _torn_tail(data, end):
-    """Is what follows `end` one frame cut short (a crash mid-write), not damage?"""
-    rest = len(data) - end
-    if rest < HEADER.size:
-        return True
-    length, _crc, qlen = HEADER.unpack_from(data, end)
-    return end + HEADER.size + qlen + length > len(data)
-
-
 def _unlink_quietly(path):
     try:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _read_pos(path):
-    try:
-        with open(path, "rb") as fh:
-            return int(fh.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def _write_pos(path, offset):
-    with open(path, "w") as fh:
-        fh.write(str(offset))
 
 
 def _lock_directory(directory):
@@ -424,26 +263,3 @@ def _lock_directory(directory):
         os.close(fd)
         raise SystemExit("spool directory %s is in use by another process" % directory)
     return fd
-
-
-def forward_cli(directory, servers):
-    """`ingest spool forward DIR --kestrel ...`: empty a spool (e.g. a dead host's disk)."""
-    from ingest.kestrel.client import Client
-    from ingest.sink import KestrelSink
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if not os.path.isdir(directory):
-        raise SystemExit("no spool directory at %s" % directory)
-    spool = Spool(directory)
-    forwarder = Forwarder(spool, KestrelSink(Client(servers)).put)
-    deadline = time.monotonic() + 60
-    try:
-        while not forwarder.forward_once():
-            if time.monotonic() > deadline:
-                log.error("no Kestrel server took records for 60 s; %d forwarded so far",
-                          forwarder.forwarded)
-                return 1
-            time.sleep(forwarder.retry_s)
-    finally:
-        spool.close()
-    print("forwarded %d records from %s" % (forwarder.forwarded, directory))
-    return 0

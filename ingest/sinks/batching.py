@@ -1,64 +1,13 @@
-"""Where accepted records go, with the acknowledgement rule as the interface.
+"""BatchingSink: many concurrent requests share one write to the inner sink.
 
-`sink.put(pairs)` takes a list of (queue, payload bytes) and returns only once every pair
-is durably taken (STORED by Kestrel, or spooled); otherwise it raises SinkUnavailable and
-the app answers 503 with Retry-After.  Fallbacks (the spool) wrap a sink; they are not
-flags inside one.
+What it must not do: leave a request waiting when the inner sink fails (every waiter is
+woken with its share of the outcome), or acknowledge a pair the inner sink did not take.
+Uses `threading` only; under eventlet's monkey patching its threads are green.
 """
+import collections
+import threading
 
-
-class SinkUnavailable(Exception):
-    """No record of the batch may be acknowledged; the client should retry later.
-
-    `remaining`: the pairs not stored, when the sink knows some were (None: assume none)."""
-
-    def __init__(self, message="records could not be stored", retry_after_s=1, remaining=None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.remaining = remaining
-
-
-class MemorySink:
-    """An in-memory sink for unit tests and in-process benchmarks."""
-
-    def __init__(self):
-        self.items = []
-        self.failing = False
-
-    def put(self, pairs):
-        if self.failing:
-            raise SinkUnavailable()
-        self.items.extend(pairs)
-
-    def queue(self, name):
-        return [payload for queue, payload in self.items if queue == name]
-
-    def ready(self):
-        return not self.failing, "memory sink"
-
-
-class KestrelSink:
-    """Writes each batch to a Kestrel cluster with one pipelined put_many."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def put(self, pairs):
-        from ingest.kestrel.client import KestrelError
-        try:
-            self.client.put_many(pairs)
-        except KestrelError as exc:
-            raise SinkUnavailable("no Kestrel server stored the records: %s" % exc,
-                                  remaining=getattr(exc, "remaining", None)) from None
-
-    def ready(self):
-        """Ready when some Kestrel server answers `version` now (a live check, not a guess)."""
-        from ingest.kestrel.client import KestrelError
-        try:
-            self.client.version()
-        except (KestrelError, OSError) as exc:
-            return False, "no Kestrel server answers: %s" % exc
-        return True, "kestrel"
+from ingest.sinks import SinkUnavailable
 
 
 def _share_of(error, pairs):
@@ -100,8 +49,6 @@ class BatchingSink:
     """
 
     def __init__(self, inner, writers=1, max_batch_records=5000, event_factory=None):
-        import collections
-        import threading
         self.inner = inner
         self.max_batch_records = max_batch_records
         # Anything with set() and wait(); the server passes a cheaper green one.

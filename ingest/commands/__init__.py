@@ -1,0 +1,6 @@
+"""Operator commands that are plain blocking programs (no eventlet):
+
+    consume.py        ingest consume QUEUE: reliable-read items, one JSON line each
+    stats.py          ingest stats: depths, totals and rates per Kestrel server
+    spool_forward.py  ingest spool forward DIR: empty a spool into Kestrel
+"""

@@ -1,0 +1,25 @@
+"""Where accepted records go, with the acknowledgement rule as the interface.
+
+`sink.put(pairs)` takes a list of (queue, payload bytes) and returns only once every pair
+is durably taken (STORED by Kestrel, or spooled); otherwise it raises SinkUnavailable and
+the app answers 503 with Retry-After.  `sink.ready()` -> (ok, why) feeds /ready.
+Fallbacks wrap a sink; they are not flags inside one:
+
+    kestrel.py    KestrelSink: one pipelined put_many to the Kestrel cluster
+    batching.py   BatchingSink: many concurrent requests share one inner put
+    spool.py      Spool: the local disk log records go to when Kestrel cannot take them
+    fallback.py   SpoolingSink: the primary sink first, the spool when it fails
+    forwarder.py  Forwarder: spooled records back to Kestrel, oldest first
+    memory.py     MemorySink: for unit tests and in-process benchmarks
+"""
+
+
+class SinkUnavailable(Exception):
+    """No record of the batch may be acknowledged; the client should retry later.
+
+    `remaining`: the pairs not stored, when the sink knows some were (None: assume none)."""
+
+    def __init__(self, message="records could not be stored", retry_after_s=1, remaining=None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.remaining = remaining
