@@ -1,5 +1,5 @@
 #!/bin/bash
-# Measure the choice docs/parts/operations.md explains: two workers behind nginx either on
+# Measure the choice docs/design.md explains: two workers behind nginx either on
 # one SO_REUSEPORT port (one upstream server) or on one port per slot (two upstream
 # servers, as deploy/nginx.conf is rendered).  Replays a synthetic access log through
 # nginx for DURATION seconds and prints the requests each worker served; with KILL=1 it

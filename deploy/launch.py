@@ -4,7 +4,8 @@ What it is for: supervisord can only paste strings into a command line.  It cann
 slot number to a base port, fall back to a default when an environment variable is unset,
 or render nginx.conf (nginx reads no environment variables).  supervisord.conf therefore
 runs every program as `python deploy/launch.py <program> [slot]`; this module works out
-ports and paths from the environment (defaults below), creates the directories under
+ports and paths from the environment (the DEPLOY and QUEUE tables of ingest/config.py,
+documented in docs/reference/settings.md), creates the directories under
 var/, and then *replaces itself* with the real program (os.execv).  supervisord's pid is
 then the program's pid, so its signals (TERM to drain, HUP to reload routes, QUIT/USR1 to
 nginx) reach the program itself and nothing lingers between them.
@@ -12,8 +13,8 @@ nginx) reach the program itself and nothing lingers between them.
 What it must not do: stay running as a parent, connect anywhere but the local worker
 ports (the nginx readiness wait below), or restate settings that `ingest serve` reads
 itself (INGEST_* in ingest/config.py).  The worker limits nginx must match (body size,
-request-line size) come from ingest.config.resolve() on the same environment, so the two
-sides cannot drift apart.
+request-line size) come from ingest/config.py's WORKER table on the same environment, so
+the two sides cannot drift apart.
 
 All runtime state lives under ./var of the directory supervisord was started from (the
 checkout for `make run`); the integration test starts it from a temporary directory.
@@ -21,6 +22,7 @@ checkout for `make run`); the integration test starts it from a temporary direct
     python deploy/launch.py queue | worker SLOT | nginx | render-nginx
 """
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -32,78 +34,43 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TEMPLATE = os.path.join(HERE, "nginx.conf")
 
-# name -> (default, meaning).  Only the deployment's own knobs; worker settings stay in
-# ingest/config.py.  None means "derived", see settings().
-DEFAULTS = {
-    "INGEST_WORKERS": (None, "worker slots; nginx's upstream lists this many (default: cores)"),
-    "INGEST_PORT": ("8080", "port nginx listens on"),
-    "INGEST_LISTEN": ("0.0.0.0", "address nginx listens on"),
-    "INGEST_WORKER_HOST": ("127.0.0.1", "address the workers listen on (nginx is local)"),
-    "INGEST_WORKER_BASE_PORT": ("8100", "worker slot N listens on this port + N"),
-    "INGEST_QUEUE_HOST": ("127.0.0.1", "address the bundled queue listens on"),
-    "INGEST_QUEUE_PORT": ("22133", "port the bundled queue listens on"),
-    "INGEST_QUEUE_SYNC_MS": ("100", "bundled queue fsync period (0 = before every reply)"),
-    "INGEST_KESTREL": (None, "Kestrel servers for the workers (default: the bundled queue)"),
-    "INGEST_NGINX": (None, "nginx binary (default: nginx on PATH, else /usr/sbin/nginx)"),
-    "INGEST_NGINX_WAIT_S": ("30", "at start, nginx waits this long for every worker port"),
-    "INGEST_NGINX_USER": (None, "user for nginx's worker processes when started as root "
-                                "(default: the owner of var/)"),
-}
 # supervisord.conf's stopwaitsecs for the workers; their drain budget must stay below it.
 STOPWAITSECS = 15
 
 
-def _int(env, name, low=1):
-    raw = env.get(name) or DEFAULTS[name][0]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SystemExit("launch: %s=%r is not an integer" % (name, raw)) from None
-    if value < low:
-        raise SystemExit("launch: %s must be >= %d, not %d" % (name, low, value))
-    return value
-
-
-def _str(env, name):
-    return env.get(name) or DEFAULTS[name][0]
-
-
-def worker_settings(env):
-    """The Settings every worker will resolve from this environment (ingest/config.py).
-
-    nginx's limits are taken from here rather than restated, so INGEST_MAX_BODY_BYTES (or
-    the same key in an INGEST_CONFIG file) moves both sides at once.
-    """
+def _resolve(table, env):
+    """One of ingest/config.py's tables resolved on this environment: the deployment's
+    own knobs (DEPLOY), the bundled queue's (QUEUE), every worker's (WORKER), so nginx's
+    limits and the queue address are read from the same place the programs read them."""
     from ingest import config
     try:
-        return config.resolve(environ=env)
+        return getattr(config, table).resolve(environ=env)
     except (OSError, ValueError) as exc:
-        raise SystemExit("launch: bad worker setting: %s" % exc) from None
+        raise SystemExit("launch: bad setting: %s" % exc) from None
 
 
 def settings(env, cwd):
     """Every value the launcher needs, resolved once from `env` (defaults filled in)."""
-    worker = worker_settings(env)
+    worker = _resolve("WORKER", env)
+    queue = _resolve("QUEUE", env)
+    deploy = _resolve("DEPLOY", env)
     var = os.path.join(os.path.abspath(cwd), "var")
-    queue_host, queue_port = _str(env, "INGEST_QUEUE_HOST"), _int(env, "INGEST_QUEUE_PORT")
-    nginx = env.get("INGEST_NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
-    workers = _int(env, "INGEST_WORKERS") if env.get("INGEST_WORKERS") else os.cpu_count() or 1
     return {
         "var": var,
         "log": os.path.join(var, "log"),
         "nginx_prefix": os.path.join(var, "nginx"),
-        "workers": workers,
-        "listen_host": _str(env, "INGEST_LISTEN"),
-        "listen_port": _int(env, "INGEST_PORT"),
-        "worker_host": _str(env, "INGEST_WORKER_HOST"),
-        "worker_base_port": _int(env, "INGEST_WORKER_BASE_PORT"),
-        "queue_host": queue_host,
-        "queue_port": queue_port,
-        "queue_sync_ms": _int(env, "INGEST_QUEUE_SYNC_MS", low=0),
-        "kestrel": env.get("INGEST_KESTREL") or "%s:%d" % (queue_host, queue_port),
-        "nginx": nginx,
-        "nginx_wait_s": _int(env, "INGEST_NGINX_WAIT_S", low=0),
-        "nginx_user": env.get("INGEST_NGINX_USER") or None,
+        "workers": deploy.workers or os.cpu_count() or 1,
+        "listen_host": deploy.listen,
+        "listen_port": deploy.port,
+        "worker_host": deploy.worker_host,
+        "worker_base_port": deploy.worker_base_port,
+        "queue_host": queue.host,
+        "queue_port": queue.port,
+        "queue_sync_ms": queue.sync_ms,
+        "kestrel": deploy.kestrel or "%s:%d" % (queue.host, queue.port),
+        "nginx": deploy.nginx or shutil.which("nginx") or "/usr/sbin/nginx",
+        "nginx_wait_s": deploy.nginx_wait_s,
+        "nginx_user": deploy.nginx_user,
         "max_body_bytes": worker.max_body_bytes,
         "max_request_line_bytes": worker.max_request_line_bytes,
         "drain_s": worker.drain_s,
@@ -168,6 +135,8 @@ def render_nginx(template, s, user="# (no user directive)"):
         "UPSTREAM_SERVERS": upstream_servers(s),
         "MAX_BODY_BYTES": str(s["max_body_bytes"]),
         "MAX_REQUEST_LINE_BYTES": str(s["max_request_line_bytes"]),
+        "BODY_TOO_LARGE": _error_body("body_too_large", "nginx"),
+        "NO_WORKER": _error_body("no_worker"),
     }
     text = template
     for name, value in values.items():
@@ -177,6 +146,13 @@ def render_nginx(template, s, user="# (no user directive)"):
         raise SystemExit("launch: unknown placeholder in %s: %s"
                          % (TEMPLATE, text[start:start + 40].splitlines()[0]))
     return text
+
+
+def _error_body(reason, variant="message"):
+    """nginx's own answers in the API's JSON shape, worded by the reasons catalogue."""
+    from ingest import errors
+    return json.dumps({"status": 0, "error": errors.message(reason, variant)},
+                      separators=(",", ":"))
 
 
 def nginx_conf_path(s):

@@ -1,35 +1,37 @@
-"""The `ingest` command: `serve`, `queue`, `consume`, `stats`, `spool forward`.
+"""The `ingest` command: argv -> one subcommand.
+
+    ingest serve          one HTTP worker (ingest/worker.py)
+    ingest queue          the bundled Kestrel-compatible queue server (ingest/queue/)
+    ingest consume QUEUE  reliable-read items, one JSON line each
+    ingest stats          queue depths, totals and rates per server
+    ingest spool forward  empty a spool directory into Kestrel
 
 eventlet's monkey patching happens here and only here, right before a subcommand that
 runs green threads starts; every other module stays importable without eventlet.
+Logging is set up here, once, the same way for every subcommand.
 """
 import argparse
+import logging
 import sys
 
+from ingest import config
 
-def _add_kestrel(p, required=False):
-    p.add_argument("--kestrel", default=None if required else None, required=required,
+LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+
+
+def _add_kestrel(p):
+    p.add_argument("--kestrel", default=config.DEFAULT_KESTREL,
                    help="comma-separated Kestrel servers, host:port[,host:port...]"
-                        " (default 127.0.0.1:22133)")
+                        " (default %s)" % config.DEFAULT_KESTREL)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="ingest", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    from ingest import config
-    config.add_serve_arguments(sub.add_parser(
+    config.WORKER.add_arguments(sub.add_parser(
         "serve", help="run one HTTP ingestion worker (eventlet raw WSGI)"))
-
-    q = sub.add_parser("queue", help="run the bundled Kestrel-compatible queue server")
-    q.add_argument("--host", default="127.0.0.1")
-    q.add_argument("--port", type=int, default=22133)
-    q.add_argument("--data", default="./var/queue", help="journal directory")
-    q.add_argument("--sync-ms", type=int, default=100,
-                   help="fsync period in ms; 0 = fsync before every reply (group commit)")
-    q.add_argument("--config", default=None, help="per-queue settings file (see README)")
-    q.add_argument("--max-item-bytes", type=int, default=None,
-                   help="largest item accepted by default (bytes)")
+    config.QUEUE.add_arguments(sub.add_parser(
+        "queue", help="run the bundled Kestrel-compatible queue server"))
 
     c = sub.add_parser("consume", help="reliable-read items from a queue, one JSON line each")
     c.add_argument("queue")
@@ -52,11 +54,15 @@ def build_parser():
 
 
 def kestrel_servers(text):
-    """`h:p,h:p` -> ['h:p', ...]; the default is the bundled queue on this machine."""
-    servers = [s.strip() for s in (text or "127.0.0.1:22133").split(",") if s.strip()]
-    if not servers:
-        raise SystemExit("ingest: --kestrel needs at least one host:port")
-    return servers
+    """`h:p,h:p` -> ['h:p', ...], checked; a bad list ends the program with one line."""
+    try:
+        return list(config.servers(text))
+    except ValueError as exc:
+        raise SystemExit("ingest: --kestrel: %s" % exc) from None
+
+
+def configure_logging():
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT)
 
 
 def _import_eventlet():
@@ -71,25 +77,28 @@ def _import_eventlet():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from ingest import config
-        settings = config.from_args(args)
+        settings = config.from_args(config.WORKER, "serve", args)
+        configure_logging()
         _import_eventlet()
-        from ingest import server
-        return server.serve(settings)
+        from ingest import worker
+        return worker.serve(settings)
     if args.command == "queue":
+        settings = config.from_args(config.QUEUE, "queue", args)
+        configure_logging()
         _import_eventlet()
-        from ingest.kestrel import server
-        return server.main(args)
+        from ingest.queue import main as queue_main
+        return queue_main.main(settings)
     if args.command == "consume":
-        from ingest import tools
-        return tools.consume(args.queue, kestrel_servers(args.kestrel), max_items=args.max,
-                             timeout_ms=args.timeout_ms, peek=args.peek)
+        from ingest.commands import consume
+        return consume.consume(args.queue, kestrel_servers(args.kestrel), max_items=args.max,
+                               timeout_ms=args.timeout_ms, peek=args.peek)
     if args.command == "stats":
-        from ingest import tools
-        return tools.stats(kestrel_servers(args.kestrel), as_json=args.json)
+        from ingest.commands import stats
+        return stats.stats(kestrel_servers(args.kestrel), as_json=args.json)
     if args.command == "spool":
-        from ingest import spool
-        return spool.forward_cli(args.dir, kestrel_servers(args.kestrel))
+        configure_logging()
+        from ingest.commands import spool_forward
+        return spool_forward.forward(args.dir, kestrel_servers(args.kestrel))
     return 2
 
 

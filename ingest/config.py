@@ -1,40 +1,45 @@
-"""One frozen Settings object for `ingest serve`: flags > environment (INGEST_*) > file > defaults.
+"""Every setting of every program, as field tables resolved into frozen objects.
 
-Nothing outside this module reads the environment.  Every field carries its unit in its
-name; `describe()` prints the resolved settings once at start.
+What it is for: one mechanism for three tables.  `WORKER` (`ingest serve`), `QUEUE`
+(`ingest queue`) and `DEPLOY` (deploy/launch.py, environment only) are each a list of
+`Field`s; `Table.resolve()` builds the table's frozen settings object with the
+precedence flags > environment (INGEST_*) > settings file > defaults, and names the
+source of a bad value.  docs/reference/settings.md is generated from these tables
+(ingest/reference.py).
+
+What it must not do: be read around.  Nothing outside this module reads the environment
+for a setting; every field carries its unit in its name; `describe()` prints the resolved
+settings once at start.
 """
 import dataclasses
 import ipaddress
 import json
 import os
 
-DEFAULT_KESTREL = "127.0.0.1:22133"
+from ingest.kestrel.protocol import DEFAULT_PORT, parse_servers
+
+DEFAULT_KESTREL = "127.0.0.1:%d" % DEFAULT_PORT
 
 
-def _servers(value):
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = str(value).split(",")
-    servers = tuple(s.strip() for s in items if s.strip())
-    for s in servers:
-        host, sep, port = s.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError("kestrel server %r is not host:port" % s)
-    if not servers:
+# ---- parsers ----------------------------------------------------------------------------
+
+def servers(value):
+    """`h:p,h:p` (or a list) -> ('h:p', ...), each entry checked by the one parser."""
+    items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+    entries = tuple(s.strip() for s in items if s.strip())
+    for entry in entries:
+        parse_servers([entry])
+    if not entries:
         raise ValueError("kestrel needs at least one host:port")
-    return servers
+    return entries
 
 
-def _networks(value):
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = str(value).split(",")
+def networks(value):
+    items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
     return tuple(ipaddress.ip_network(s.strip(), strict=False) for s in items if s.strip())
 
 
-def _bool(value):
+def boolean(value):
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -45,45 +50,55 @@ def _bool(value):
     raise ValueError("not a boolean: %r" % value)
 
 
-def _opt_str(value):
+def optional_str(value):
     return None if value in (None, "") else str(value)
 
 
-# name -> (parser, default, help).  Flags are --name-with-dashes; env is INGEST_NAME.
-FIELDS = {
-    "host": (str, "127.0.0.1", "address to listen on"),
-    "port": (int, 8000, "port to listen on"),
-    "reuse_port": (_bool, False, "set SO_REUSEPORT so several workers share one port"),
-    "kestrel": (_servers, DEFAULT_KESTREL, "Kestrel servers, host:port[,host:port...]"),
-    "kestrel_connect_timeout_ms": (int, 500, "connect timeout per Kestrel server"),
-    "kestrel_timeout_ms": (int, 2000, "read/write timeout per Kestrel command"),
-    "kestrel_retry_ms": (int, 1000, "how long a failed Kestrel server is skipped"),
-    "kestrel_pool_size": (int, 64, "connections kept per Kestrel server"),
-    "kestrel_writers": (int, 1, "writer threads batching concurrent requests into one Kestrel write"),
-    "spool": (_opt_str, None, "spool directory: records go here when no Kestrel server takes them"),
-    "spool_sync_ms": (int, 0, "spool fsync period; 0 = fsync before answering"),
-    "spool_max_mb": (int, 1024, "spool size cap; beyond it requests get 503"),
-    "routes": (_opt_str, None, "routing table file (JSON)"),
-    "trusted_proxies": (_networks, "127.0.0.0/8,::1/128",
-                        "peers whose X-Forwarded-For is believed (CIDRs)"),
-    "max_request_line_bytes": (int, 65536, "longest request line (URL) accepted; longer: 414"),
-    "max_header_bytes": (int, 16384, "largest single header line; larger: 400 from eventlet"),
-    "max_headers": (int, 64, "most header lines per request (at most 99); more: 431"),
-    "max_body_bytes": (int, 10 * 1024 * 1024, "largest request body; larger: 413"),
-    "max_records": (int, 2000, "most records per request; more: 413"),
-    "max_record_bytes": (int, 1024 * 1024, "largest record as JSON; larger: record rejected"),
-    "max_properties": (int, 255, "most properties per record; more: record rejected"),
-    "max_depth": (int, 20, "deepest nesting inside a record's properties; deeper: record rejected"),
-    "max_string_chars": (int, 65536, "longest string value in a record; longer: record rejected"),
-    "max_in_flight": (int, 1000, "requests handled at once per worker; more: 503"),
-    "max_body_bytes_in_flight": (int, 256 * 1024 * 1024,
-                                 "request bodies held at once per worker; more: 503"),
-    "max_connections": (int, 4096, "open client connections per worker"),
-    "keepalive_idle_s": (float, 75.0, "idle keep-alive connections are closed after this"),
-    "read_timeout_s": (float, 30.0, "headers must arrive within this, and each body read"),
-    "drain_s": (float, 10.0, "on SIGTERM, how long in-flight requests may take to finish"),
-    "access_log": (_opt_str, None, "JSON-lines access log file ('-' = stderr)"),
-}
+def optional_int(value):
+    return None if value in (None, "") else int(value)
+
+
+# ---- checks, run on the resolved object (they see the field's name) ---------------------
+
+def positive(name, value):
+    if value <= 0:
+        raise ValueError("%s must be positive, not %r" % (name, value))
+
+
+def positive_if_set(name, value):
+    if value is not None:
+        positive(name, value)
+
+
+def not_negative(name, value):
+    if value is not None and value < 0:
+        raise ValueError("%s must not be negative" % name)
+
+
+def _header_lines(name, value):
+    positive(name, value)
+    if value > 99:
+        raise ValueError("max_headers above 99 cannot take effect: the HTTP parser refuses"
+                         " 100 header lines itself")
+
+
+class Field:
+    """One setting: parser, default, meaning, its environment variable and its check."""
+
+    __slots__ = ("name", "parse", "default", "help", "env", "check", "flag")
+
+    def __init__(self, name, parse, default, help, env=None, check=None, flag=True):
+        self.name = name
+        self.parse = parse
+        self.default = default
+        self.help = help
+        self.env = env
+        self.check = check
+        self.flag = flag
+
+    @property
+    def option(self):
+        return "--" + self.name.replace("_", "-")
 
 
 def _describe(self):
@@ -97,83 +112,183 @@ def _describe(self):
     return " ".join(parts)
 
 
-# The frozen settings type, generated from FIELDS so names and defaults live in one place.
-Settings = dataclasses.make_dataclass(
-    "Settings",
-    [(name, object, dataclasses.field(default=parse(default)))
-     for name, (parse, default, _) in FIELDS.items()],
-    frozen=True,
-    namespace={"describe": _describe, "__module__": __name__},
-)
+class Table:
+    """A field table and the frozen settings type generated from it."""
 
-# INGEST_PORT is the public port nginx listens on (deploy/, `make run`), so the worker's own
-# host and port read these instead.
-ENV_NAMES = {"host": "INGEST_WORKER_HOST", "port": "INGEST_WORKER_PORT"}
+    def __init__(self, type_name, fields, env_prefix, env_names=None, file_flag=None,
+                 file_env=None):
+        self.fields = {f.name: f for f in fields}
+        for f in fields:
+            f.env = f.env or (env_names or {}).get(f.name) or env_prefix + f.name.upper()
+        self.file_flag = file_flag        # settings-file option name (worker: "config")
+        self.file_env = file_env
+        self.type = dataclasses.make_dataclass(
+            type_name, [(f.name, object, dataclasses.field(default=f.parse(f.default)))
+                        for f in fields],
+            frozen=True, namespace={"describe": _describe, "__module__": __name__})
+
+    def add_arguments(self, parser):
+        if self.file_flag:
+            parser.add_argument("--" + self.file_flag, default=None,
+                                help="JSON file of settings (keys as below, with underscores)")
+        for f in self.fields.values():
+            if f.flag:
+                parser.add_argument(f.option, dest=f.name, default=None,
+                                    help="%s (default %s; env %s)" % (f.help, f.default, f.env))
+
+    def resolve(self, flags=None, environ=None, config_file=None):
+        """The settings object from flag values (None = not given), the environment and
+        a settings file; ValueError naming the flag, variable or file key at fault."""
+        flags = flags or {}
+        environ = os.environ if environ is None else environ
+        path = (self.file_flag and flags.get(self.file_flag)) or \
+            (self.file_env and environ.get(self.file_env)) or config_file
+        file_values = self._read_file(path) if path else {}
+        values = {}
+        for name, f in self.fields.items():
+            if f.flag and flags.get(name) is not None:
+                raw, source = flags[name], f.option
+            elif environ.get(f.env) not in (None, ""):
+                raw, source = environ[f.env], f.env
+            elif name in file_values:
+                raw, source = file_values[name], "%s:%s" % (path, name)
+            else:
+                raw, source = f.default, None
+            try:
+                values[name] = f.parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise ValueError("%s: %s" % (source or name, exc)) from None
+        settings = self.type(**values)
+        for name, f in self.fields.items():
+            if f.check is not None:
+                f.check(name, getattr(settings, name))
+        return settings
+
+    def _read_file(self, path):
+        with open(path, encoding="utf-8") as fh:
+            values = json.load(fh)
+        unknown = sorted(set(values) - set(self.fields))
+        if unknown:
+            raise ValueError("%s: unknown settings %s" % (path, ", ".join(unknown)))
+        return values
 
 
-def env_name(name):
-    return ENV_NAMES.get(name, "INGEST_" + name.upper())
+# ---- `ingest serve` ----------------------------------------------------------------------
 
+WORKER = Table("WorkerSettings", [
+    Field("host", str, "127.0.0.1", "address to listen on"),
+    Field("port", int, 8000, "port to listen on", check=positive),
+    Field("reuse_port", boolean, False, "set SO_REUSEPORT so several workers share one port"),
+    Field("kestrel", servers, DEFAULT_KESTREL, "Kestrel servers, host:port[,host:port...]"),
+    Field("kestrel_connect_timeout_ms", int, 500, "connect timeout per Kestrel server",
+          check=positive),
+    Field("kestrel_timeout_ms", int, 2000, "read/write timeout per Kestrel command",
+          check=positive),
+    Field("kestrel_retry_ms", int, 1000, "how long a failed Kestrel server is skipped",
+          check=not_negative),
+    Field("kestrel_pool_size", int, 64, "connections kept per Kestrel server", check=positive),
+    Field("kestrel_writers", int, 1,
+          "writer threads batching concurrent requests into one Kestrel write", check=positive),
+    Field("spool", optional_str, None,
+          "spool directory: records go here when no Kestrel server takes them"),
+    Field("spool_sync_ms", int, 0, "spool fsync period; 0 = fsync before answering",
+          check=not_negative),
+    Field("spool_max_mb", int, 1024, "spool size cap; beyond it requests get 503",
+          check=positive),
+    Field("routes", optional_str, None, "routing table file (JSON)"),
+    Field("trusted_proxies", networks, "127.0.0.0/8,::1/128",
+          "peers whose X-Forwarded-For is believed (CIDRs)"),
+    Field("max_request_line_bytes", int, 65536,
+          "longest request line (URL) accepted; longer: 414", check=positive),
+    Field("max_header_bytes", int, 16384,
+          "largest single header line; larger: 400 from eventlet", check=positive),
+    Field("max_headers", int, 64, "most header lines per request (at most 99); more: 431",
+          check=_header_lines),
+    Field("max_body_bytes", int, 10 * 1024 * 1024, "largest request body; larger: 413",
+          check=positive),
+    Field("max_records", int, 2000, "most records per request; more: 413", check=positive),
+    Field("max_record_bytes", int, 1024 * 1024,
+          "largest record as JSON; larger: record rejected", check=positive),
+    Field("max_properties", int, 255, "most properties per record; more: record rejected",
+          check=positive),
+    Field("max_depth", int, 20,
+          "deepest nesting inside a record's properties; deeper: record rejected",
+          check=positive),
+    Field("max_string_chars", int, 65536, "longest string value in a record; longer: record"
+          " rejected", check=positive),
+    Field("max_in_flight", int, 1000, "requests handled at once per worker; more: 503",
+          check=positive),
+    Field("max_body_bytes_in_flight", int, 256 * 1024 * 1024,
+          "request bodies held at once per worker; more: 503", check=positive),
+    Field("max_connections", int, 4096, "open client connections per worker", check=positive),
+    Field("keepalive_idle_s", float, 75.0, "idle keep-alive connections are closed after this",
+          check=not_negative),
+    Field("read_timeout_s", float, 30.0, "headers must arrive within this, and each body read",
+          check=not_negative),
+    Field("drain_s", float, 10.0, "on SIGTERM, how long in-flight requests may take to finish",
+          check=not_negative),
+    Field("access_log", optional_str, None, "JSON-lines access log file ('-' = stderr)"),
+],
+    # INGEST_PORT is the public port nginx listens on (deploy/, `make run`), so the
+    # worker's own host and port read these instead.
+    env_prefix="INGEST_", env_names={"host": "INGEST_WORKER_HOST", "port": "INGEST_WORKER_PORT"},
+    file_flag="config", file_env="INGEST_CONFIG")
 
-def add_serve_arguments(parser):
-    parser.add_argument("--config", default=None,
-                        help="JSON file of settings (keys as below, with underscores)")
-    for name, (_, default, help_text) in FIELDS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                            help="%s (default %s; env %s)" % (help_text, default, env_name(name)))
+WorkerSettings = Settings = WORKER.type
 
 
 def resolve(flags=None, environ=None, config_file=None):
-    """Build Settings from flag values (None = not given), the environment and a file."""
-    flags = flags or {}
-    environ = os.environ if environ is None else environ
-    file_values = {}
-    path = flags.get("config") or environ.get("INGEST_CONFIG") or config_file
-    if path:
-        with open(path, encoding="utf-8") as fh:
-            file_values = json.load(fh)
-        unknown = sorted(set(file_values) - set(FIELDS))
-        if unknown:
-            raise ValueError("%s: unknown settings %s" % (path, ", ".join(unknown)))
-    values = {}
-    for name, (parse, default, _) in FIELDS.items():
-        env = env_name(name)
-        if flags.get(name) is not None:
-            raw, source = flags[name], "--" + name.replace("_", "-")
-        elif environ.get(env) not in (None, ""):
-            raw, source = environ[env], env
-        elif name in file_values:
-            raw, source = file_values[name], "%s:%s" % (path, name)
-        else:
-            raw, source = default, None
-        try:
-            values[name] = parse(raw)
-        except (TypeError, ValueError) as exc:
-            raise ValueError("%s: %s" % (source or name, exc)) from None
-    settings = Settings(**values)
-    _validate(settings)
-    return settings
+    """The worker's settings (see Table.resolve)."""
+    return WORKER.resolve(flags, environ, config_file)
 
 
-def _validate(s):
-    positive = ["port", "kestrel_connect_timeout_ms", "kestrel_timeout_ms", "kestrel_pool_size",
-                "kestrel_writers", "spool_max_mb", "max_request_line_bytes", "max_header_bytes", "max_headers",
-                "max_body_bytes", "max_records", "max_record_bytes", "max_properties",
-                "max_depth", "max_string_chars", "max_in_flight", "max_body_bytes_in_flight", "max_connections"]
-    for name in positive:
-        if getattr(s, name) <= 0:
-            raise ValueError("%s must be positive, not %r" % (name, getattr(s, name)))
-    if s.max_headers > 99:
-        raise ValueError("max_headers above 99 cannot take effect: the HTTP parser refuses"
-                         " 100 header lines itself")
-    for name in ("kestrel_retry_ms", "spool_sync_ms", "keepalive_idle_s", "read_timeout_s",
-                 "drain_s"):
-        if getattr(s, name) < 0:
-            raise ValueError("%s must not be negative" % name)
+# ---- `ingest queue` ----------------------------------------------------------------------
+
+QUEUE = Table("QueueSettings", [
+    Field("host", str, "127.0.0.1", "address to listen on"),
+    Field("port", int, DEFAULT_PORT, "port to listen on", check=positive),
+    Field("data", str, "./var/queue", "journal directory"),
+    Field("sync_ms", int, 100, "fsync period in ms; 0 = fsync before every reply"
+          " (group commit)", check=not_negative),
+    Field("config", optional_str, None, "per-queue settings file (JSON; docs/queue-server.md)"),
+    Field("max_item_bytes", optional_int, None,
+          "largest item accepted by default (bytes; default 16 MiB)", check=not_negative),
+], env_prefix="INGEST_QUEUE_")
+
+QueueSettings = QUEUE.type
 
 
-def from_args(args):
+# ---- deploy/launch.py: the production tree on one machine (environment only) ----------
+
+DEPLOY = Table("DeploySettings", [
+    Field("workers", optional_int, None,
+          "worker slots; nginx's upstream lists this many (default: cores)", flag=False,
+          check=positive_if_set),
+    Field("port", int, 8080, "port nginx listens on", flag=False, check=positive),
+    Field("listen", str, "0.0.0.0", "address nginx listens on", flag=False),
+    Field("worker_host", str, "127.0.0.1", "address the workers listen on (nginx is local)",
+          flag=False),
+    Field("worker_base_port", int, 8100, "worker slot N listens on this port + N", flag=False,
+          check=positive),
+    Field("kestrel", optional_str, None,
+          "Kestrel servers for the workers (default: the bundled queue)", flag=False),
+    Field("nginx", optional_str, None,
+          "nginx binary (default: nginx on PATH, else /usr/sbin/nginx)", flag=False),
+    Field("nginx_wait_s", int, 30, "at start, nginx waits this long for every worker port",
+          flag=False, check=not_negative),
+    Field("nginx_user", optional_str, None, "user for nginx's worker processes when started"
+          " as root (default: the owner of var/)", flag=False),
+], env_prefix="INGEST_")
+
+DeploySettings = DEPLOY.type
+
+
+def from_args(table, program, args):
+    """Resolve `table` from parsed arguments; a bad value ends the program with one line
+    naming it (exit status 2, as for a usage error), never a traceback."""
     try:
-        return resolve(vars(args))
+        return table.resolve(vars(args))
     except (OSError, ValueError) as exc:
-        raise SystemExit("ingest serve: bad setting: %s" % exc)
+        import sys
+        sys.stderr.write("ingest %s: bad setting: %s\n" % (program, exc))
+        raise SystemExit(2) from None

@@ -57,65 +57,87 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+# name -> (kind, help, labels): every family /metrics exposes, and the source of
+# docs/reference/metrics.md.  Counters are exposed with the `_total` suffix.
+METRICS = {
+    "ingest_requests": ("counter", "HTTP requests by endpoint and status",
+                        ("endpoint", "status")),
+    "ingest_records_accepted": ("counter", "records queued, by endpoint and queue",
+                                ("endpoint", "queue")),
+    "ingest_records_rejected": ("counter", "records (or whole requests) refused, by reason"
+                                " (docs/reference/reasons.md)", ("endpoint", "reason")),
+    "ingest_records_overflow": ("counter", "records sent to an overflow queue, by base queue",
+                                ("queue",)),
+    "ingest_records_blocked": ("counter", "records from blocked tokens (answered, not queued)",
+                               ()),
+    "ingest_records_unknown_token": ("counter", "records whose token has no routes entry"
+                                     " (default queue)", ()),
+    "ingest_routes_reloads": ("counter", "routes files loaded by SIGHUP", ()),
+    "ingest_routes_reload_failures": ("counter", "routes reloads refused (last good table"
+                                      " kept)", ()),
+    "ingest_spool_bytes": ("gauge", "bytes in the local spool", ()),
+    "ingest_spool_appended_records": ("counter", "records written to the spool by this"
+                                      " process", ()),
+    "ingest_kestrel_errors": ("counter", "failed Kestrel operations, by server", ("server",)),
+    "ingest_requests_in_flight": ("gauge", "requests being handled", ()),
+    "ingest_request_duration_seconds": ("histogram", "time to answer a request",
+                                        ("endpoint",)),
+}
+_FAMILY = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+           "histogram": HistogramMetricFamily}
+
+
+def family(name, value=None):
+    """An empty metric family for `name`, as the catalogue describes it (or, for a
+    label-less one, with its single value)."""
+    kind, help_text, labels = METRICS[name]
+    if value is not None:
+        return _FAMILY[kind](name, help_text, value=value)
+    return _FAMILY[kind](name, help_text, labels=labels)
+
+
+def _labelled(name, counts):
+    """A family with one sample per (label values) -> count, in sorted order."""
+    fam = family(name)
+    for key, n in sorted(counts.items()):
+        fam.add_metric(tuple(str(k) for k in (key if isinstance(key, tuple) else (key,))), n)
+    return fam
+
+
 class _Collector:
     def __init__(self, metrics):
         self.m = metrics
 
     def collect(self):
         m = self.m
-        fam = CounterMetricFamily("ingest_requests", "HTTP requests by endpoint and status",
-                                  labels=("endpoint", "status"))
-        for (endpoint, status), n in sorted(m.requests.items()):
-            fam.add_metric((endpoint, str(status)), n)
-        yield fam
-        fam = CounterMetricFamily("ingest_records_accepted", "records queued, by endpoint and queue",
-                                  labels=("endpoint", "queue"))
-        for (endpoint, queue), n in sorted(m.accepted.items()):
-            fam.add_metric((endpoint, queue), n)
-        yield fam
-        fam = CounterMetricFamily("ingest_records_rejected",
-                                  "records (or whole requests) refused, by reason",
-                                  labels=("endpoint", "reason"))
-        for (endpoint, reason), n in sorted(m.rejected.items()):
-            fam.add_metric((endpoint, reason), n)
-        yield fam
+        yield _labelled("ingest_requests", m.requests)
+        yield _labelled("ingest_records_accepted", m.accepted)
+        yield _labelled("ingest_records_rejected", m.rejected)
         if m.router is not None:
-            table = m.router.table
-            fam = CounterMetricFamily("ingest_records_overflow",
-                                      "records sent to an overflow queue, by base queue",
-                                      labels=("queue",))
-            for queue, n in sorted(table.overflowed.items()):
-                fam.add_metric((queue,), n)
-            yield fam
-            yield CounterMetricFamily("ingest_records_blocked",
-                                      "records from blocked tokens (answered, not queued)",
-                                      value=table.blocked)
-            yield CounterMetricFamily("ingest_records_unknown_token",
-                                      "records whose token has no routes entry (default queue)",
-                                      value=table.unknown)
-            yield CounterMetricFamily("ingest_routes_reloads", "routes files loaded by SIGHUP",
-                                      value=m.router.reloads)
-            yield CounterMetricFamily("ingest_routes_reload_failures",
-                                      "routes reloads refused (last good table kept)",
-                                      value=m.router.reload_failures)
+            yield from self._routing(m.router)
         if m.spool is not None:
-            yield GaugeMetricFamily("ingest_spool_bytes", "bytes in the local spool",
-                                    value=m.spool.size_bytes())
-            yield CounterMetricFamily("ingest_spool_appended_records",
-                                      "records written to the spool by this process",
-                                      value=m.spool.appended_records)
+            yield family("ingest_spool_bytes", m.spool.size_bytes())
+            yield family("ingest_spool_appended_records", m.spool.appended_records)
         if m.client is not None:
-            fam = CounterMetricFamily("ingest_kestrel_errors",
-                                      "failed Kestrel operations, by server", labels=("server",))
-            for server in m.client.cluster.servers:
-                fam.add_metric((server.address,), server.errors)
-            yield fam
+            yield _labelled("ingest_kestrel_errors", {
+                server.address: server.errors for server in m.client.cluster.servers})
         if m.state is not None:
-            yield GaugeMetricFamily("ingest_requests_in_flight", "requests being handled",
-                                    value=m.state.in_flight)
-        fam = HistogramMetricFamily("ingest_request_duration_seconds",
-                                    "time to answer a request", labels=("endpoint",))
-        for endpoint, row in sorted(m.latency.items()):
+            yield family("ingest_requests_in_flight", m.state.in_flight)
+        yield self._latency(m.latency)
+
+    @staticmethod
+    def _routing(router):
+        table = router.table
+        yield _labelled("ingest_records_overflow", table.overflowed)
+        yield family("ingest_records_blocked", table.blocked)
+        yield family("ingest_records_unknown_token", table.unknown)
+        yield family("ingest_routes_reloads", router.reloads)
+        yield family("ingest_routes_reload_failures", router.reload_failures)
+
+    @staticmethod
+    def _latency(latency):
+        fam = family("ingest_request_duration_seconds")
+        for endpoint, row in sorted(latency.items()):
             cumulative, buckets = 0, []
             for bound, n in zip(BUCKETS, row):
                 cumulative += n
@@ -123,4 +145,4 @@ class _Collector:
             cumulative += row[len(BUCKETS)]
             buckets.append(("+Inf", cumulative))
             fam.add_metric((endpoint,), buckets, sum_value=row[-1])
-        yield fam
+        return fam

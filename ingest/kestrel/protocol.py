@@ -124,3 +124,12 @@ def split_request(line):
 def format_value(name, data):
     """The reply to a successful get: VALUE line, data, END."""
     return b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (name, len(data), data)
+
+
+# TEMPORARY (replaced by the queue/kestrel split): the one host:port list parser.
+DEFAULT_PORT = 22133
+
+
+def parse_servers(servers):
+    from ingest.kestrel.client import parse_servers as parse
+    return parse(servers)

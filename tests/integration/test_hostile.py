@@ -265,7 +265,7 @@ def _request_line(n):
 
 def test_request_line_just_under_limit_is_served(limited):
     # eventlet refuses a line whose length including CRLF reaches the limit, so the
-    # longest accepted request line is limit - 1 bytes with its CRLF (docs/parts/limits.md).
+    # longest accepted request line is limit - 1 bytes with its CRLF (docs/limits.md).
     line = _request_line(LIMITS["max_request_line_bytes"] - 1)
     resp, _ = exchange(limited.port, line + b"Host: x\r\nConnection: close\r\n\r\n")
     assert_clean(resp, 200)

@@ -1,16 +1,15 @@
-"""eventlet raw-WSGI bootstrap for one worker: socket options, signals, graceful drain.
+"""`ingest serve`: the eventlet raw-WSGI bootstrap of one worker: the HTTP protocol
+seam, socket options, signals, graceful drain.
 
-One of the two modules that touch eventlet (the other is the bundled queue server);
-monkey patching has already happened in cli.py.  Signal handlers only set flags; the
+One of the two places that touch eventlet (the other is the bundled queue server,
+ingest/queue/); monkey patching has already happened in cli.py.  Signal handlers only set flags; the
 main green thread acts on them: SIGHUP reloads the routing table off the request path
 (in a native thread via tpool), SIGTERM/SIGINT drain: /ready turns 503, the listening
 socket closes, in-flight requests get up to `drain_s` to finish, then the process exits 0.
 """
 import gc
 import logging
-import os
 import signal
-import sys
 import time
 
 import eventlet
@@ -18,14 +17,21 @@ import eventlet.event
 import eventlet.tpool
 import eventlet.wsgi
 
-from ingest.app import AppState, make_app
+from ingest import errors
+from ingest.http import make_app
+from ingest.http.access_log import open_access_log
+from ingest.http.answers import json_body
+from ingest.http.app import AppState
 from ingest.kestrel.client import Client
 from ingest.metrics import Metrics
 from ingest.routing import Router, RoutesError
-from ingest.sink import BatchingSink, KestrelSink
-from ingest.spool import Forwarder, Spool, SpoolingSink
+from ingest.sinks.batching import BatchingSink
+from ingest.sinks.fallback import SpoolingSink
+from ingest.sinks.forwarder import Forwarder
+from ingest.sinks.kestrel import KestrelSink
+from ingest.sinks.spool import Spool
 
-log = logging.getLogger("ingest.server")
+log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.
 _TICK_S = 0.05
 
@@ -40,7 +46,8 @@ class GreenLatch(eventlet.event.Event):
         self.send()
 
 
-_ERROR_BODY = b'{"status": 0, "error": "malformed HTTP request"}'
+# The body of every answer the HTTP parser gives itself (the catalogue's wording).
+_ERROR_BODY = json_body({"status": 0, "error": errors.message("malformed_http")})
 
 
 class IngestProtocol(eventlet.wsgi.HttpProtocol):
@@ -114,11 +121,6 @@ class Flags:
         self.reload = False
 
 
-def configure_logging():
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-
-
 def build_sink(settings):
     """Kestrel, batched, wrapped by the spool when one is configured.
 
@@ -155,21 +157,6 @@ def tune_gc():
     gc.set_threshold(50000, 20, 20)
 
 
-def open_access_log(path):
-    """A writer of whole lines: one os.write per request on an O_APPEND descriptor, so
-    lines from concurrent requests never interleave and logrotate's copytruncate works."""
-    if not path:
-        return None
-    fd = 2 if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def write(line):
-        try:
-            os.write(fd, line)
-        except OSError as exc:  # a full disk must not fail the request
-            log.warning("access log write failed: %s", exc)
-    return write
-
-
 def listen(settings):
     sock = eventlet.listen((settings.host, settings.port), backlog=2048,
                            reuse_port=settings.reuse_port)
@@ -177,7 +164,6 @@ def listen(settings):
 
 
 def serve(settings):
-    configure_logging()
     log.info("settings: %s", settings.describe())
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
     eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
@@ -192,18 +178,7 @@ def serve(settings):
     app = make_app(settings, sink, clock=time.time, router=router, state=state, metrics=metrics,
                    access_log=open_access_log(settings.access_log))
     sock = listen(settings)
-    flags = Flags()
-
-    def on_stop(signum, _frame):
-        flags.stop = True
-
-    def on_hup(signum, _frame):
-        flags.reload = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-
+    flags = watch_signals()
     server = eventlet.spawn(
         eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
         protocol=IngestProtocol,
@@ -217,13 +192,7 @@ def serve(settings):
         eventlet.spawn(forwarder.run_syncer)
     tune_gc()
     log.info("listening on http://%s:%d", settings.host, settings.port)
-
-    while not flags.stop and not server.dead:
-        if flags.reload:
-            flags.reload = False
-            # Parse in a native thread; the swap itself happens back in this green thread.
-            eventlet.spawn(router.reload, eventlet.tpool.execute)
-        eventlet.sleep(_TICK_S)
+    supervise(flags, server, router)
     code = drain(settings, state, server, sock)
     if forwarder is not None:
         forwarder.stopping = True
@@ -232,6 +201,32 @@ def serve(settings):
         log.info("spool closed (%d records forwarded this run)", forwarder.forwarded)
     eventlet.tpool.killall()
     return code
+
+
+def watch_signals():
+    """Signal handlers that only set flags (SIGTERM/SIGINT: stop, SIGHUP: reload)."""
+    flags = Flags()
+
+    def on_stop(signum, _frame):
+        flags.stop = True
+
+    def on_hup(signum, _frame):
+        flags.reload = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    return flags
+
+
+def supervise(flags, server, router):
+    """The main green thread acts on the flags until a stop (or the server died)."""
+    while not flags.stop and not server.dead:
+        if flags.reload:
+            flags.reload = False
+            # Parse in a native thread; the swap itself happens back in this green thread.
+            eventlet.spawn(router.reload, eventlet.tpool.execute)
+        eventlet.sleep(_TICK_S)
 
 
 def drain(settings, state, server, sock):
