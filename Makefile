@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_UPDATED := /tmp/.ingest-apt-updated
 
-.PHONY: run test unit integration bench venv venv-dev nginx chromium js clean
+.PHONY: run test unit integration bench docs venv venv-dev nginx chromium js clean
 
 # ---- environments -------------------------------------------------------------------
 $(VENV)/.runtime: requirements.txt setup.py
@@ -63,6 +63,10 @@ integration: venv-dev nginx chromium js
 # Load test: hello-world baseline and a worker pinned to one core, ratio in the same run.
 bench: venv-dev
 	$(PY) -m bench.run_all --rounds 3
+
+# The generated reference pages (docs/reference/): settings, metrics, rejection reasons.
+docs: venv
+	$(PY) -m ingest.reference
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules var bench/out
