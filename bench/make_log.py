@@ -2,7 +2,7 @@
 
     python -m bench.make_log --requests N --out FILE [--seed S] [--start-time EPOCH]
 
-The mix imitates what the three official SDKs send (shared/docs/mixpanel-api.md section 1):
+The mix imitates what the three official SDKs send (docs/http-api.md):
 browser batch POSTs and legacy GETs, Node GETs with base64 `data` and unescaped-base64
 batch POSTs, Python form POSTs with naked JSON, `/engage` profile updates, and about 1%
 malformed requests (bad base64, truncated JSON, no `data`).  Batch sizes, property counts

@@ -1,7 +1,7 @@
 """Raw record -> clean record (mutated in place) and its token, or RecordRejected.
 
 Pure: takes values, returns values or raises; no I/O, no eventlet.  The rules are the
-record contract in shared/docs/DESIGN.md and the cleaning rules of the endpoints issue.
+record contract in docs/http-api.md ("What lands on the queue").
 A record is rejected with a stable `reason` (the metric label) and the `field` it is
 about; the verbose answer reads "record 3: properties.token is missing".
 """

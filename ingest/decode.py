@@ -1,6 +1,6 @@
 """Request -> parameters -> raw records.  Pure: no sockets, no eventlet, no globals.
 
-What the SDKs send (shared/docs/mixpanel-api.md section 1): `data` in the query string or
+What the SDKs send (docs/http-api.md): `data` in the query string or
 in a form body (application/x-www-form-urlencoded, or text/plain from sendBeacon), as raw
 JSON or base64 of UTF-8 JSON (standard or URL-safe alphabet, padded or not), one object or
 an array.  The Node SDK posts base64 without percent-encoding, so its `+` arrives as a

@@ -1,6 +1,6 @@
 """Clean record -> queue item bytes: compact JSON, UTF-8.  Pure: no I/O, no eventlet.
 
-The record contract (shared/docs/DESIGN.md): each queue item is one cleaned record as
+The record contract (docs/http-api.md): each queue item is one cleaned record as
 compact JSON.  A record that cannot be written as JSON is rejected with a reason, the
 others in its request go on.
 """

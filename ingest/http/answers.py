@@ -1,6 +1,6 @@
 """How the app answers: status lines, CORS, and every body shape the SDKs read.
 
-What it is for: shared/docs/mixpanel-api.md section 2.  A processed request answers 200
+What it is for: the answers of docs/http-api.md.  A processed request answers 200
 with `1`/`0`, or verbose JSON, either wrapped in a JSONP callback, or a pixel (img=1), or
 a redirect; /import with strict=1 answers JSON with real statuses.  `error()` is the one
 place that turns an IngestError (ingest/errors.py) into an HTTP answer.

@@ -1,6 +1,6 @@
 """The local disk spool: where records go when no Kestrel server takes them.
 
-Acknowledgement rule (shared/docs/DESIGN.md): a request is answered as accepted only once
+Acknowledgement rule (docs/durability.md): a request is answered as accepted only once
 every record is STORED by Kestrel or appended here under the fsync policy.  So
 `Spool.append(pairs)` writes one framed record per (queue, payload) to the active segment
 with os.write (a process crash after it returns loses nothing), then fsyncs per `sync_ms`
