@@ -44,16 +44,16 @@ class KestrelSink:
         self.client = client
 
     def put(self, pairs):
-        from ingest.kestrel.client import KestrelError
+        from ingest.kestrel.errors import KestrelError
         try:
             self.client.put_many(pairs)
         except KestrelError as exc:
             raise SinkUnavailable("no Kestrel server stored the records: %s" % exc,
-                                  remaining=getattr(exc, "remaining", None)) from None
+                                  remaining=exc.remaining) from None
 
     def ready(self):
         """Ready when some Kestrel server answers `version` now (a live check, not a guess)."""
-        from ingest.kestrel.client import KestrelError
+        from ingest.kestrel.errors import KestrelError
         try:
             self.client.version()
         except (KestrelError, OSError) as exc:

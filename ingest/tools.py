@@ -12,7 +12,8 @@ import json
 import sys
 import time
 
-from ingest.kestrel.client import Client, KestrelError
+from ingest.kestrel.client import Client
+from ingest.kestrel.errors import KestrelError
 
 RATE_INTERVAL_S = 1.0
 QUEUE_FIELDS = ("items", "total_items", "open_transactions", "bytes")
