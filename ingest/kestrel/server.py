@@ -32,7 +32,7 @@ import greenlet
 from eventlet import hubs, tpool
 
 from ingest import __version__
-from ingest.kestrel import journal as jr
+from ingest.queue import journal as jr
 from ingest.kestrel import protocol as proto
 
 log = logging.getLogger("ingest.queue")
