@@ -78,8 +78,8 @@ def main(argv=None):
         return server.serve(settings)
     if args.command == "queue":
         _import_eventlet()
-        from ingest.kestrel import server
-        return server.main(args)
+        from ingest.queue import main as queue_main
+        return queue_main.main(args)
     if args.command == "consume":
         from ingest import tools
         return tools.consume(args.queue, kestrel_servers(args.kestrel), max_items=args.max,
