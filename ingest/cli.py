@@ -6,11 +6,14 @@ runs green threads starts; every other module stays importable without eventlet.
 import argparse
 import sys
 
+from ingest.config import DEFAULT_KESTREL
+from ingest.kestrel.protocol import DEFAULT_PORT
+
 
 def _add_kestrel(p, required=False):
     p.add_argument("--kestrel", default=None if required else None, required=required,
                    help="comma-separated Kestrel servers, host:port[,host:port...]"
-                        " (default 127.0.0.1:22133)")
+                        " (default %s)" % DEFAULT_KESTREL)
 
 
 def build_parser():
@@ -23,7 +26,7 @@ def build_parser():
 
     q = sub.add_parser("queue", help="run the bundled Kestrel-compatible queue server")
     q.add_argument("--host", default="127.0.0.1")
-    q.add_argument("--port", type=int, default=22133)
+    q.add_argument("--port", type=int, default=DEFAULT_PORT)
     q.add_argument("--data", default="./var/queue", help="journal directory")
     q.add_argument("--sync-ms", type=int, default=100,
                    help="fsync period in ms; 0 = fsync before every reply (group commit)")
@@ -53,7 +56,7 @@ def build_parser():
 
 def kestrel_servers(text):
     """`h:p,h:p` -> ['h:p', ...]; the default is the bundled queue on this machine."""
-    servers = [s.strip() for s in (text or "127.0.0.1:22133").split(",") if s.strip()]
+    servers = [s.strip() for s in (text or DEFAULT_KESTREL).split(",") if s.strip()]
     if not servers:
         raise SystemExit("ingest: --kestrel needs at least one host:port")
     return servers

@@ -8,7 +8,9 @@ import ipaddress
 import json
 import os
 
-DEFAULT_KESTREL = "127.0.0.1:22133"
+from ingest.kestrel.protocol import DEFAULT_PORT
+
+DEFAULT_KESTREL = "127.0.0.1:%d" % DEFAULT_PORT
 
 
 def _servers(value):
