@@ -23,6 +23,7 @@ Modules, from the bottom up:
     main.py        `main(settings)`: load, listen, accept, signals, shutdown
 
 In the queue server only this package uses eventlet (waiters, syncer, server, connection,
-main); options, journal and store stay plain Python.  The wire bytes come from
-ingest/kestrel/protocol.py.  Importing this package imports nothing.
+main); options and journal are plain Python, and store reaches eventlet only through
+waiters.  The wire bytes come from ingest/kestrel/protocol.py.  Importing this package
+imports nothing.
 """

@@ -74,8 +74,8 @@ class QueueServer:
         return q
 
     def _create(self, name):
-        q = Queue(name, os.path.join(self.data_dir, name), self.config.for_queue(name),
-                  self.touched)
+        q = Queue(name, jr.Journal(os.path.join(self.data_dir, name)),
+                  self.config.for_queue(name), self.touched)
         self.queues[name] = q
         self.by_bytes[q.name_bytes] = q
         q.children = self.fanout.setdefault(name, [])

@@ -26,7 +26,7 @@ class Queue:
     """A FIFO of ADD records plus its open reads, journal and counters.  No I/O except
     through its Journal; no eventlet (waking blocked reads goes through waiters.py)."""
 
-    def __init__(self, name, path, options, touched):
+    def __init__(self, name, journal, options, touched):
         self.name = name
         self.name_bytes = name.encode("utf-8", "surrogateescape")
         self.options = options        # QueueOptions; replaced whole on reload
@@ -38,7 +38,7 @@ class Queue:
         self.waiters = collections.deque()   # blocked consumers, woken one per item
         self.peekers = collections.deque()   # blocked peeks, all woken by an item
         self.children = []            # fanout: queues named <name>+<child>
-        self.journal = jr.Journal(path)
+        self.journal = journal        # journal.Journal of this queue's file
         self.touched = touched        # server-wide set of queues with unwritten records
         self.deleted = False
         self.total_items = self.expired = self.discarded = 0
