@@ -35,7 +35,7 @@ class Reason:
 
 
 def _reason(status, scopes, meaning, message, headers=(), retry_after_s=None, **variants):
-    return Reason(status, scopes, meaning, dict(variants, message=message), headers,
+    return Reason(status, scopes, meaning, dict({"message": message}, **variants), headers,
                   retry_after_s)
 
 
@@ -75,8 +75,8 @@ REASONS = {
     # ---- routing of the request itself -------------------------------------------------
     "not_found": _reason(404, (REQUEST,), "A path that is not an endpoint or operator path.",
                          "not found; use /track, /engage, /groups or /import"),
-    "method_not_allowed": _reason(405, (REQUEST,), "A method other than GET, POST, OPTIONS"
-                                  " (or HEAD) on an endpoint.", "method not allowed",
+    "method_not_allowed": _reason(405, (REQUEST,), "A method other than GET, POST or OPTIONS"
+                                  " on an endpoint (HEAD included).", "method not allowed",
                                   headers=(("Allow", "GET, POST, OPTIONS"),)),
     "invalid_callback": _reason(400, (REQUEST,), "callback= that is not a JavaScript"
                                 " identifier or dotted path of at most 128 characters.",

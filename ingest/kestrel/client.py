@@ -4,7 +4,8 @@ What it is for: talking Kestrel's memcache protocol to a set of share-nothing se
 (the bundled `ingest queue`, real Kestrel 2.x or Darner).  Writes go to one healthy
 server and fail over to the next; a failed server is skipped for `retry_ms`.  Reads
 visit the servers in turn.  A reliable read (`next`) stays on the connection that
-opened it until `next`/`finish`/`abort` closes it there.
+opened it until `next`/`finish`/`abort` closes it there.  The bytes come from
+protocol.py, the servers and sockets from cluster.py, the errors from errors.py.
 
 What it must not do: import eventlet (the caller monkey-patches `socket`, which makes
 every socket here green), share one socket between two users at the same time, return
@@ -15,162 +16,23 @@ server's `STORED`.  Only commands that Kestrel 2.x and Darner both understand ar
 
 All timeouts are in milliseconds.
 """
-import collections
-import random
-import socket
 import threading
 import time
 
-from ingest.kestrel.protocol import valid_queue_name
+from ingest.kestrel.cluster import Connection, ServerSet, drop_idle
+from ingest.kestrel.errors import (KestrelConnectionError, KestrelError, KestrelProtocolError,
+                                   KestrelServerError, KestrelTimeout, KestrelUnavailable)
+from ingest.kestrel.protocol import (CRLF, DELETED, END, STAT_PREFIX, STORED, VERSION_PREFIX,
+                                     build_sets, check_queue, count_stored, format_command,
+                                     get_command, is_error_reply, parse_servers, parse_stats,
+                                     parse_value_header, raise_reply)
 
-CRLF = b"\r\n"
-STORED = b"STORED"
-NOT_STORED = b"NOT_STORED"
-END = b"END"
-RECV_BYTES = 65536
-MAX_RECV_BYTES = 1 << 20
 # Blocking reads over several servers wait on one server at a time: at least Kestrel's
 # 100 ms timer tick, at most 500 ms so an item arriving elsewhere waits that long at most.
 MIN_SLICE_MS = 100
 MAX_SLICE_MS = 500
 
-
-class KestrelError(Exception):
-    """Any failure reported by this client."""
-
-
-class InvalidQueueName(KestrelError, ValueError):
-    """The queue name would be refused by a Kestrel server (or breaks the framing)."""
-
-
-class KestrelConnectionError(KestrelError):
-    """Connecting, sending or receiving failed, or the server closed the connection."""
-
-
-class KestrelTimeout(KestrelConnectionError):
-    """No reply within the read timeout (the server may still act on the request)."""
-
-
-class KestrelProtocolError(KestrelError):
-    """The server sent something this client cannot parse."""
-
-
-class KestrelServerError(KestrelError):
-    """The server answered ERROR, CLIENT_ERROR or SERVER_ERROR."""
-
-    def __init__(self, line):
-        super().__init__(line)
-        self.line = line
-
-    @property
-    def server_side(self):
-        """SERVER_ERROR means the server refuses service now (read-only, quiescent...)."""
-        return self.line.startswith("SERVER_ERROR")
-
-
-class KestrelUnavailable(KestrelError):
-    """No server took the items.  `remaining` lists the (queue, data) pairs never STORED."""
-
-    def __init__(self, message, remaining=()):
-        super().__init__(message)
-        self.remaining = list(remaining)
-
-
 FAILED = object()  # _read_one's answer for a server that failed
-
-
-# ---- pure helpers (unit-tested without sockets) ----------------------------------------
-
-def parse_servers(servers):
-    """'h:p,h:p' or ['h:p', ...] -> [('h', p), ...]; raises ValueError on a bad entry."""
-    if isinstance(servers, str):
-        servers = servers.split(",")
-    out = []
-    for text in servers:
-        text = text.strip()
-        if not text:
-            continue
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("Kestrel server must be host:port, got %r" % text)
-        out.append((host.strip("[]"), int(port)))
-    if not out:
-        raise ValueError("at least one Kestrel server is needed")
-    return out
-
-
-def check_queue(queue):
-    """The queue name as bytes, or InvalidQueueName."""
-    if not isinstance(queue, str) or not valid_queue_name(queue):
-        raise InvalidQueueName("invalid queue name %r" % (queue,))
-    return queue.encode("utf-8")
-
-
-def as_bytes(data):
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, str):
-        return data.encode("utf-8")
-    if isinstance(data, (bytearray, memoryview)):
-        return bytes(data)
-    raise TypeError("queue items are bytes or str, not %s" % type(data).__name__)
-
-
-def get_command(queue, timeout=None, open_=False, close=False, abort=False, peek=False):
-    """The `get` line for `queue` with Kestrel's slash options (timeout in ms)."""
-    parts = [b"get ", check_queue(queue)]
-    if close:
-        parts.append(b"/close")
-    if open_:
-        parts.append(b"/open")
-    if abort:
-        parts.append(b"/abort")
-    if peek:
-        parts.append(b"/peek")
-    if timeout:
-        parts.append(b"/t=%d" % max(0, int(timeout)))
-    parts.append(CRLF)
-    return b"".join(parts)
-
-
-def build_sets(pairs, expire=0):
-    """One buffer holding a `set` per (queue, data) pair, in order.
-
-    PERF: one b"".join over references to the items and cached per-queue prefixes (the
-    name is validated once per batch): a 50 x 1 KiB batch builds in ~13 us, against ~70 us
-    with one b"set %s 0 0 %d..." format per item that checks the name each time.
-    """
-    prefixes = {}
-    parts = []
-    append = parts.append
-    tail = b" 0 %d " % int(expire)
-    for queue, data in pairs:
-        prefix = prefixes.get(queue)
-        if prefix is None:
-            prefix = prefixes[queue] = b"set " + check_queue(queue) + tail
-        if type(data) is not bytes:
-            data = as_bytes(data)
-        append(prefix)
-        append(b"%d\r\n" % len(data))
-        append(data)
-        append(CRLF)
-    return b"".join(parts)
-
-
-def count_stored(lines):
-    """Indices (into the batch) whose reply line is STORED, and the first error line.
-
-    `lines` are the complete reply lines received so far, one per item in order.
-    NOT_STORED is a per-item refusal (queue full, item too large): the stream stays in
-    sync.  Anything else ends the usable part of the stream.
-    """
-    stored = []
-    for i, line in enumerate(lines):
-        if line == STORED:
-            stored.append(i)
-        elif line != NOT_STORED:
-            return stored, line
-    return stored, None
 
 
 def unstored(pairs, stored):
@@ -179,259 +41,6 @@ def unstored(pairs, stored):
         return list(pairs)
     done = set(stored)
     return [p for i, p in enumerate(pairs) if i not in done]
-
-
-def split_reply_lines(buf, n):
-    """The first min(n, available) complete CRLF lines of `buf`, and the leftover bytes."""
-    lines = buf.split(CRLF, n)
-    if len(lines) > n:
-        return lines[:n], lines[n]
-    return lines[:-1], lines[-1]
-
-
-def parse_value_header(line):
-    """`VALUE <q> <flags> <len>` -> len; None for END; raises on anything else."""
-    if line == END:
-        return None
-    parts = line.split(b" ")
-    if parts[0] == b"VALUE" and len(parts) >= 4 and parts[3].isdigit():
-        return int(parts[3])
-    raise_reply(line)
-
-
-def raise_reply(line):
-    text = line.decode("utf-8", "replace")
-    if text.startswith(("ERROR", "CLIENT_ERROR", "SERVER_ERROR")):
-        raise KestrelServerError(text)
-    raise KestrelProtocolError("unexpected reply %r" % text[:200])
-
-
-def stat_value(text):
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-
-# Per-queue stat names of Kestrel 2.4, Darner and the bundled server, longest first so
-# `queue_q_total_items` is read as (q, total_items) and not (q_total, items).
-QUEUE_STATS = sorted((
-    "items", "bytes", "total_items", "logsize", "expired_items", "mem_items", "mem_bytes",
-    "age", "discarded", "waiters", "open_transactions", "transactions",
-    "canceled_transactions", "total_flushes", "journal_rewrites", "journal_rotations",
-    "children", "put_items", "put_bytes", "journal_size", "age_msec", "create_time",
-), key=len, reverse=True)
-
-
-def parse_stats(lines):
-    """STAT lines -> {"server": {k: v}, "queues": {name: {stat: v}}}.
-
-    Queue names may contain `_`, so `queue_<name>_<stat>` is ambiguous; each key is read
-    with the queue name that the most keys agree on (ties: the longer stat name).
-    """
-    server, queued = {}, []
-    for line in lines:
-        parts = line.split(" ", 2)
-        if len(parts) < 3 or parts[0] != "STAT":
-            continue
-        key, value = parts[1], stat_value(parts[2])
-        if key.startswith("queue_"):
-            queued.append((key[6:], value))
-        else:
-            server[key] = value
-    candidates = [[(rest[:-len(s) - 1], s) for s in QUEUE_STATS
-                   if rest.endswith("_" + s) and len(rest) > len(s) + 1]
-                  for rest, _ in queued]
-    votes = collections.Counter(name for cands in candidates for name, _ in cands)
-    queues = {}
-    for (rest, value), cands in zip(queued, candidates):
-        if not cands:
-            server["queue_" + rest] = value
-            continue
-        name, stat = max(cands, key=lambda c: (votes[c[0]], len(c[1])))
-        queues.setdefault(name, {})[stat] = value
-    return {"server": server, "queues": queues}
-
-
-# ---- servers and their health -----------------------------------------------------------
-
-class Server:
-    """One Kestrel server: its address, its idle connections and its back-off deadline."""
-
-    __slots__ = ("host", "port", "address", "idle", "down_until", "failures", "errors")
-
-    def __init__(self, host, port):
-        self.host, self.port = host, port
-        self.address = "%s:%d" % (host, port)
-        self.idle = collections.deque()
-        self.down_until = 0.0
-        self.failures = 0       # consecutive, reset when the server answers again
-        self.errors = 0         # cumulative, exported as ingest_kestrel_errors_total
-
-    def __repr__(self):
-        return "<kestrel %s>" % self.address
-
-
-class ServerSet:
-    """Which servers to try, in which order; skips a failed server for `retry_ms`.
-
-    Pure apart from the injected clock and random start, so the unit tests drive it.
-    Each call to `order()` starts one server further on, which spreads writes (and the
-    first server a read asks) evenly over the healthy servers.
-    """
-
-    def __init__(self, addresses, retry_ms=1000, clock=time.monotonic, start=None):
-        self.servers = [Server(h, p) for h, p in addresses]
-        self.retry_s = retry_ms / 1000.0
-        self.clock = clock
-        self._next = random.randrange(len(self.servers)) if start is None else start
-
-    def healthy(self, server, now=None):
-        return (self.clock() if now is None else now) >= server.down_until
-
-    def order(self):
-        """Healthy servers, starting one further than the previous call."""
-        servers = self.servers
-        n = len(servers)
-        i = self._next % n
-        self._next = i + 1
-        now = self.clock()
-        return [s for s in servers[i:] + servers[:i] if now >= s.down_until]
-
-    def mark_down(self, server):
-        """Skip `server` for retry_ms; its idle connections are presumed dead too."""
-        server.down_until = self.clock() + self.retry_s
-        server.failures += 1
-        server.errors += 1
-        drop_idle(server)
-
-    def mark_up(self, server):
-        if server.failures:
-            server.failures = 0
-            server.down_until = 0.0
-
-
-def drop_idle(server):
-    """Close every idle connection of `server` (another thread may be popping too)."""
-    while True:
-        try:
-            server.idle.pop().close()
-        except IndexError:
-            return
-
-
-# ---- one connection ---------------------------------------------------------------------
-
-class Connection:
-    """A socket plus its receive buffer.  Any error closes it before re-raising."""
-
-    __slots__ = ("server", "sock", "buf", "reused")
-
-    def __init__(self, server, connect_timeout):
-        self.server = server
-        self.buf = b""
-        self.reused = False
-        try:
-            self.sock = socket.create_connection((server.host, server.port), connect_timeout)
-            # Replies are awaited before the next request, so Nagle only adds latency.
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as e:
-            raise KestrelConnectionError("%s: connect: %s" % (server.address, e)) from None
-
-    def close(self):
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    @property
-    def closed(self):
-        return self.sock is None
-
-    def send(self, data, timeout):
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.sendall(data)
-        except socket.timeout:
-            self.close()
-            raise KestrelTimeout("%s: send timed out" % self.server.address) from None
-        except OSError as e:
-            self.close()
-            raise KestrelConnectionError("%s: send: %s" % (self.server.address, e)) from None
-
-    def _recv(self, size):
-        """One recv; EOF, errors and timeouts close the connection."""
-        try:
-            chunk = self.sock.recv(size)
-        except socket.timeout:
-            self.close()
-            raise KestrelTimeout("%s: no reply in time" % self.server.address) from None
-        except OSError as e:
-            self.close()
-            raise KestrelConnectionError("%s: recv: %s" % (self.server.address, e)) from None
-        if not chunk:
-            self.close()
-            raise KestrelConnectionError("%s: connection closed by server" % self.server.address)
-        return chunk
-
-    def fill(self):
-        self.buf += self._recv(RECV_BYTES)
-
-    def readline(self):
-        while True:
-            i = self.buf.find(CRLF)
-            if i >= 0:
-                line, self.buf = self.buf[:i], self.buf[i + 2:]
-                return line
-            self.fill()
-
-    def read_exact(self, n):
-        have = len(self.buf)
-        if have < n:
-            # Big items: collect the chunks and join once (appending to the buffer would
-            # copy it again for every chunk).
-            parts = [self.buf]
-            while have < n:
-                chunk = self._recv(min(max(RECV_BYTES, n - have), MAX_RECV_BYTES))
-                parts.append(chunk)
-                have += len(chunk)
-            self.buf = b"".join(parts)
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def read_lines(self, n, deadline=None):
-        """Exactly n reply lines; on a failure, `.partial` on the error holds those read.
-
-        `deadline` (time.monotonic()) bounds the whole reply: the socket timeout alone
-        is per recv, so a server trickling replies could hold the caller indefinitely."""
-        lines = []
-        while True:
-            got, self.buf = split_reply_lines(self.buf, n - len(lines))
-            lines.extend(got)
-            if len(lines) == n:
-                return lines
-            try:
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self.close()
-                        raise KestrelTimeout("%s: reply not complete in time" % self.server.address)
-                    self.sock.settimeout(left)
-                self.fill()
-            except KestrelConnectionError as e:
-                e.partial = lines
-                raise
-
-    def expect_clean(self):
-        """After a full reply nothing else may be buffered; otherwise the stream is lost."""
-        if self.buf:
-            self.close()
-            raise KestrelProtocolError("%s: unexpected bytes after reply" % self.server.address)
 
 
 # ---- the client ---------------------------------------------------------------------------
@@ -499,8 +108,7 @@ class Client:
             try:
                 result = func(conn, *args)
             except KestrelConnectionError as e:
-                if not conn.reused or getattr(e, "partial", None) or \
-                        isinstance(e, KestrelTimeout):
+                if not conn.reused or e.partial or isinstance(e, KestrelTimeout):
                     raise
                 conn = Connection(server, self.connect_timeout)
                 result = func(conn, *args)
@@ -556,7 +164,8 @@ class Client:
                 pending = self._put_on(server, pending, buf)
             except KestrelError as e:
                 last_error = e
-                pending = getattr(e, "remaining_pairs", pending)
+                if e.remaining is not None:
+                    pending = e.remaining
                 buf = None
                 if not isinstance(e, KestrelServerError) or e.server_side:
                     self.cluster.mark_down(server)
@@ -574,19 +183,16 @@ class Client:
         try:
             lines = self._call(server, self._send_sets, buf, len(pairs))
         except KestrelConnectionError as e:
-            lines = getattr(e, "partial", [])
-            stored, _ = count_stored(lines)
-            e.remaining_pairs = unstored(pairs, stored)
-            raise
+            stored, _ = count_stored(e.partial)
+            raise e.with_remaining(unstored(pairs, stored)) from None
         # PERF: the usual case checked at C speed: 0.3 us for 500 replies, against 19 us
         # for count_stored's per-line loop.
         if lines.count(STORED) == len(pairs):
             return ()
         stored, error = count_stored(lines)
         if error is not None:
-            e = KestrelServerError(error.decode("utf-8", "replace"))
-            e.remaining_pairs = unstored(pairs, stored)
-            raise e
+            raise KestrelServerError(error.decode("utf-8", "replace"),
+                                     remaining=unstored(pairs, stored))
         if len(stored) == len(pairs):
             return ()
         # NOT_STORED for some: the server is fine, the next one may take them.
@@ -742,33 +348,31 @@ class Client:
 
     def delete(self, queue):
         """Drop `queue` on every server; True when all answered DELETED (or END)."""
-        command = b"delete %s\r\n" % check_queue(queue)
-        return self._everywhere(command, (b"DELETED", END))
+        return self._everywhere(format_command(b"delete", check_queue(queue)), (DELETED, END))
 
     def flush(self, queue):
         """Remove every item of `queue` on every server; True when all answered."""
-        command = b"flush %s\r\n" % check_queue(queue)
-        return self._everywhere(command, (END,))
+        return self._everywhere(format_command(b"flush", check_queue(queue)), (END,))
 
     def flush_all(self):
-        return self._everywhere(b"flush_all\r\n", None)
+        return self._everywhere(format_command(b"flush_all"), None)
 
-    def _everywhere(self, command, accepted):
+    def _everywhere(self, request, accepted):
         ok = True
         for server in self.cluster.servers:
             try:
-                line = self._call(server, self._one_line, command)
+                line = self._call(server, self._one_line, request)
             except KestrelError:
                 ok = False
                 continue
-            if line.startswith((b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")):
+            if is_error_reply(line):
                 ok = False
             elif accepted is not None and line not in accepted:
                 ok = False
         return ok
 
-    def _one_line(self, conn, command):
-        conn.send(command, self.timeout)
+    def _one_line(self, conn, request):
+        conn.send(request, self.timeout)
         line = conn.readline()
         conn.expect_clean()
         return line
@@ -784,13 +388,13 @@ class Client:
         return out
 
     def _stat_lines(self, conn):
-        conn.send(b"stats\r\n", self.timeout)
+        conn.send(format_command(b"stats"), self.timeout)
         lines = []
         while True:
             line = conn.readline()
             if line == END:
                 break
-            if not line.startswith(b"STAT "):
+            if not line.startswith(STAT_PREFIX):
                 raise_reply(line)
             lines.append(line.decode("utf-8", "replace"))
         conn.expect_clean()
@@ -800,11 +404,11 @@ class Client:
         """The version string of the first server that answers."""
         for server in self.cluster.servers:
             try:
-                line = self._call(server, self._one_line, b"version\r\n")
+                line = self._call(server, self._one_line, format_command(b"version"))
             except KestrelError:
                 continue
-            if line.startswith(b"VERSION "):
-                return line[8:].decode("utf-8", "replace")
+            if line.startswith(VERSION_PREFIX):
+                return line[len(VERSION_PREFIX):].decode("utf-8", "replace")
         raise KestrelUnavailable("no Kestrel server answered `version`")
 
     def close(self):

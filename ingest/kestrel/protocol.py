@@ -1,11 +1,102 @@
-"""Kestrel memcache-protocol pieces shared by the client and the bundled server.
+"""Kestrel's memcache protocol on the wire: every constant and formatter of both sides.
+
+What it is for: the one place that knows the bytes.  The client (client.py, cluster.py)
+builds `set`/`get` commands and reads replies with it; the bundled server (ingest/queue/)
+splits request lines, parses `get` keys and frames its replies with it.  So a reply the
+server sends and the line the client compares it with are the same constant.
 
 Facts (shared/docs/kestrel-protocol.md): commands are case-insensitive, queue names are
 case-sensitive, names containing '.', '/' or '~' are refused, `set` carries
-`<queue> <flags> <exptime> <bytes>` then the data and CRLF.  Pure functions, no I/O.
-"""
+`<queue> <flags> <exptime> <bytes>` then the data and CRLF; a reply is one line + CRLF.
 
+What it must not do: I/O of any kind (no sockets, no files, no clock, no eventlet).
+Values in, values out, or an exception from errors.py / ProtocolError.
+"""
+import collections
+
+from ingest.kestrel.errors import (InvalidQueueName, KestrelProtocolError,
+                                   KestrelServerError)
+
+DEFAULT_PORT = 22133
 CRLF = b"\r\n"
+
+# ---- reply lines ---------------------------------------------------------------------------
+# As a client compares them (the CRLF already stripped) ...
+STORED = b"STORED"
+NOT_STORED = b"NOT_STORED"
+END = b"END"
+DELETED = b"DELETED"
+ERROR = b"ERROR"
+FLUSHED_ALL = b"Flushed all queues."
+RELOADED = b"Reloaded config."
+ERROR_PREFIXES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
+VERSION_PREFIX = b"VERSION "
+STAT_PREFIX = b"STAT "
+# ... and as the server sends them, framed once here: the server appends these constants
+# on its hot path instead of building a line per reply.
+STORED_REPLY = STORED + CRLF
+NOT_STORED_REPLY = NOT_STORED + CRLF
+END_REPLY = END + CRLF
+DELETED_REPLY = DELETED + CRLF
+ERROR_REPLY = ERROR + CRLF
+FLUSHED_ALL_REPLY = FLUSHED_ALL + CRLF
+RELOADED_REPLY = RELOADED + CRLF
+# A value: header, then the data, then the trailer (the server streams the data between).
+VALUE_HEADER = b"VALUE %s 0 %d\r\n"
+VALUE_TRAILER = CRLF + END_REPLY
+
+
+def client_error(text):
+    """`CLIENT_ERROR <text>`: a refused request (the server may close afterwards)."""
+    return b"CLIENT_ERROR %s\r\n" % text.encode()
+
+
+def count_reply(n):
+    """The bare decimal line of flush_expired / flush_all_expired."""
+    return b"%d\r\n" % n
+
+
+def version_reply(version):
+    return VERSION_PREFIX + version.encode() + CRLF
+
+
+def stats_reply(pairs):
+    """`STAT <name> <value>` per (name, value) pair, then END."""
+    return b"".join(b"STAT %s %s\r\n" % (k.encode("utf-8", "surrogateescape"),
+                                         str(v).encode()) for k, v in pairs) + END_REPLY
+
+
+def format_value(name, data):
+    """The reply to a successful get: VALUE line, data, END."""
+    return VALUE_HEADER % (name, len(data)) + data + VALUE_TRAILER
+
+
+# ---- server addresses ----------------------------------------------------------------------
+
+def parse_servers(servers):
+    """'h:p,h:p' or ['h:p', ...] -> [('h', p), ...]; raises ValueError on a bad entry.
+
+    The port must be digits in 1..65535 and the host non-empty; `[::1]:p` loses its
+    brackets.  Empty entries are skipped, but at least one server is needed.
+    """
+    if isinstance(servers, str):
+        servers = servers.split(",")
+    out = []
+    for text in servers:
+        text = text.strip()
+        if not text:
+            continue
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("Kestrel server must be host:port, got %r" % text)
+        out.append((host.strip("[]"), int(port)))
+    if not out:
+        raise ValueError("at least one Kestrel server is needed")
+    return out
+
+
+# ---- queue names and items -----------------------------------------------------------------
+
 ILLEGAL_NAME_CHARS = (".", "/", "~")
 # memcache clients cap the whole key token at 250 bytes; journals are named after queues.
 MAX_NAME_BYTES = 200
@@ -20,22 +111,201 @@ def valid_queue_name(name):
     return not any(c <= " " or c == "\x7f" for c in name)
 
 
+def check_queue(queue):
+    """The queue name as bytes, or InvalidQueueName."""
+    if not isinstance(queue, str) or not valid_queue_name(queue):
+        raise InvalidQueueName("invalid queue name %r" % (queue,))
+    return queue.encode("utf-8")
+
+
+def as_bytes(data):
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError("queue items are bytes or str, not %s" % type(data).__name__)
+
+
+# ---- commands a client sends ---------------------------------------------------------------
+
+def format_command(*tokens):
+    """A one-line command such as `delete <q>` or `stats`, framed."""
+    return b" ".join(tokens) + CRLF
+
+
 def format_set(queue, data, expiry=0):
     """The bytes of one `set` command carrying `data` (bytes) onto `queue` (str)."""
     return b"set %s 0 %d %d\r\n%s\r\n" % (queue.encode("utf-8"), expiry, len(data), data)
 
 
-# ---- request parsing shared by the server (and usable by clients) ----------------------
+def build_sets(pairs, expire=0):
+    """One buffer holding a `set` per (queue, data) pair, in order.
+
+    PERF: one b"".join over references to the items and cached per-queue prefixes (the
+    name is validated once per batch): a 50 x 1 KiB batch builds in ~13 us, against ~70 us
+    with one b"set %s 0 0 %d..." format per item that checks the name each time.
+    """
+    prefixes = {}
+    parts = []
+    append = parts.append
+    tail = b" 0 %d " % int(expire)
+    for queue, data in pairs:
+        prefix = prefixes.get(queue)
+        if prefix is None:
+            prefix = prefixes[queue] = b"set " + check_queue(queue) + tail
+        if type(data) is not bytes:
+            data = as_bytes(data)
+        append(prefix)
+        append(b"%d\r\n" % len(data))
+        append(data)
+        append(CRLF)
+    return b"".join(parts)
+
+
+def get_command(queue, timeout=None, open_=False, close=False, abort=False, peek=False):
+    """The `get` line for `queue` with Kestrel's slash options (timeout in ms)."""
+    parts = [b"get ", check_queue(queue)]
+    if close:
+        parts.append(b"/close")
+    if open_:
+        parts.append(b"/open")
+    if abort:
+        parts.append(b"/abort")
+    if peek:
+        parts.append(b"/peek")
+    if timeout:
+        parts.append(b"/t=%d" % max(0, int(timeout)))
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+# ---- replies a client reads ----------------------------------------------------------------
+
+def split_reply_lines(buf, n):
+    """The first min(n, available) complete CRLF lines of `buf`, and the leftover bytes."""
+    lines = buf.split(CRLF, n)
+    if len(lines) > n:
+        return lines[:n], lines[n]
+    return lines[:-1], lines[-1]
+
+
+def count_stored(lines):
+    """Indices (into the batch) whose reply line is STORED, and the first error line.
+
+    `lines` are the complete reply lines received so far, one per item in order.
+    NOT_STORED is a per-item refusal (queue full, item too large): the stream stays in
+    sync.  Anything else ends the usable part of the stream.
+    """
+    stored = []
+    for i, line in enumerate(lines):
+        if line == STORED:
+            stored.append(i)
+        elif line != NOT_STORED:
+            return stored, line
+    return stored, None
+
+
+def is_error_reply(line):
+    """ERROR, CLIENT_ERROR or SERVER_ERROR."""
+    return line.startswith(ERROR_PREFIXES)
+
+
+def parse_value_header(line):
+    """`VALUE <q> <flags> <len>` -> len; None for END; raises on anything else."""
+    if line == END:
+        return None
+    parts = line.split(b" ")
+    if parts[0] == b"VALUE" and len(parts) >= 4 and parts[3].isdigit():
+        return int(parts[3])
+    raise_reply(line)
+
+
+def raise_reply(line):
+    """Raise the error a reply line that is not the expected one stands for."""
+    if is_error_reply(line):
+        raise KestrelServerError(line.decode("utf-8", "replace"))
+    raise KestrelProtocolError("unexpected reply %r" % line.decode("utf-8", "replace")[:200])
+
+
+def stat_value(text):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+# Per-queue stat names of Kestrel 2.4, Darner and the bundled server, longest first so
+# `queue_q_total_items` is read as (q, total_items) and not (q_total, items).
+QUEUE_STATS = sorted((
+    "items", "bytes", "total_items", "logsize", "expired_items", "mem_items", "mem_bytes",
+    "age", "discarded", "waiters", "open_transactions", "transactions",
+    "canceled_transactions", "total_flushes", "journal_rewrites", "journal_rotations",
+    "children", "put_items", "put_bytes", "journal_size", "age_msec", "create_time",
+), key=len, reverse=True)
+
+
+def parse_stats(lines):
+    """STAT lines -> {"server": {k: v}, "queues": {name: {stat: v}}}.
+
+    Queue names may contain `_`, so `queue_<name>_<stat>` is ambiguous; each key is read
+    with the queue name that the most keys agree on (ties: the longer stat name).
+    """
+    server, queued = {}, []
+    for line in lines:
+        parts = line.split(" ", 2)
+        if len(parts) < 3 or parts[0] != "STAT":
+            continue
+        key, value = parts[1], stat_value(parts[2])
+        if key.startswith("queue_"):
+            queued.append((key[6:], value))
+        else:
+            server[key] = value
+    candidates = [[(rest[:-len(s) - 1], s) for s in QUEUE_STATS
+                   if rest.endswith("_" + s) and len(rest) > len(s) + 1]
+                  for rest, _ in queued]
+    votes = collections.Counter(name for cands in candidates for name, _ in cands)
+    queues = {}
+    for (rest, value), cands in zip(queued, candidates):
+        if not cands:
+            server["queue_" + rest] = value
+            continue
+        name, stat = max(cands, key=lambda c: (votes[c[0]], len(c[1])))
+        queues.setdefault(name, {})[stat] = value
+    return {"server": server, "queues": queues}
+
+
+# ---- requests the server reads ---------------------------------------------------------------
 
 # A request line longer than this is refused: Kestrel has no limit, but an unbounded line
 # is an unbounded buffer.  4 KiB is far above any legal `set`/`get` line (names <= 200 B).
 MAX_LINE_BYTES = 4096
 # memcache exptime rule: below this many seconds it is relative, at or above absolute.
 RELATIVE_EXPIRY_LIMIT_S = 1000000
+# Storage commands Kestrel refuses with CLIENT_ERROR; their data block is still consumed so
+# the stream stays in sync.
+UNSUPPORTED_STORAGE = frozenset((b"add", b"replace", b"append", b"prepend", b"cas"))
 
 
 class ProtocolError(ValueError):
     """A request the server answers with CLIENT_ERROR and then closes the connection."""
+
+
+def split_request(line):
+    """One request line (bytes, no LF) -> list of tokens, the command lower-cased.
+
+    A trailing CR is dropped; tokens are split on single spaces like naggati does, so
+    doubled spaces produce empty tokens.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    parts = line.split(b" ")
+    parts[0] = parts[0].lower()
+    return parts
 
 
 class GetRequest:
@@ -106,30 +376,3 @@ def expiry_ms(exptime, now_ms):
     if exptime < RELATIVE_EXPIRY_LIMIT_S:
         return now_ms + exptime * 1000
     return exptime * 1000
-
-
-def split_request(line):
-    """One request line (bytes, no LF) -> list of tokens, the command lower-cased.
-
-    A trailing CR is dropped; tokens are split on single spaces like naggati does, so
-    doubled spaces produce empty tokens.
-    """
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    parts = line.split(b" ")
-    parts[0] = parts[0].lower()
-    return parts
-
-
-def format_value(name, data):
-    """The reply to a successful get: VALUE line, data, END."""
-    return b"VALUE %s 0 %d\r\n%s\r\nEND\r\n" % (name, len(data), data)
-
-
-# TEMPORARY (replaced by the queue/kestrel split): the one host:port list parser.
-DEFAULT_PORT = 22133
-
-
-def parse_servers(servers):
-    from ingest.kestrel.client import parse_servers as parse
-    return parse(servers)

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from ingest.kestrel import Client, KestrelError
-from ingest.kestrel.client import InvalidQueueName, KestrelUnavailable
+from ingest.kestrel.errors import InvalidQueueName, KestrelUnavailable
 from tests.support.procs import ROOT, QueueServer
 from tests.support.queues import queue_stats
 

@@ -1,4 +1,4 @@
-"""Journal record encoding, replay and torn-tail detection (ingest/kestrel/journal.py).
+"""Journal record encoding, replay and torn-tail detection (ingest/queue/journal.py).
 
 No sockets; the Journal/load tests use a temporary directory.
 """
@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from ingest.kestrel import journal as jr
+from ingest.queue import journal as jr
 
 
 def add(data, add_ms=1000, expiry_ms=0):

@@ -4,6 +4,8 @@ import pytest
 
 from ingest.commands import consume, stats
 from ingest.kestrel import client as kc
+from ingest.kestrel import errors, protocol
+from ingest.kestrel.cluster import ServerSet
 
 
 class Clock:
@@ -17,75 +19,75 @@ class Clock:
 # ---- servers, names, commands ------------------------------------------------------------
 
 def test_parse_servers_accepts_list_and_comma_string():
-    assert kc.parse_servers(["a:1", " b:22133 "]) == [("a", 1), ("b", 22133)]
-    assert kc.parse_servers("127.0.0.1:5,h:6,") == [("127.0.0.1", 5), ("h", 6)]
-    assert kc.parse_servers("[::1]:7") == [("::1", 7)]
+    assert protocol.parse_servers(["a:1", " b:22133 "]) == [("a", 1), ("b", 22133)]
+    assert protocol.parse_servers("127.0.0.1:5,h:6,") == [("127.0.0.1", 5), ("h", 6)]
+    assert protocol.parse_servers("[::1]:7") == [("::1", 7)]
 
 
 @pytest.mark.parametrize("bad", ["", "host", "host:", ":1", "h:0", "h:70000", "h:x", [","]])
 def test_parse_servers_rejects_bad_entries(bad):
     with pytest.raises(ValueError):
-        kc.parse_servers(bad)
+        protocol.parse_servers(bad)
 
 
 @pytest.mark.parametrize("name", ["events", "a-b_c", "Q+fan", "x" * 200, "événements"])
 def test_valid_queue_names(name):
-    assert kc.check_queue(name) == name.encode("utf-8")
+    assert protocol.check_queue(name) == name.encode("utf-8")
 
 
 @pytest.mark.parametrize("name", ["", "a.b", "a/b", "a~b", "a b", "a\r\nb", "x" * 201,
                                   b"bytes", None])
 def test_invalid_queue_names_raise_before_io(name):
-    with pytest.raises(kc.InvalidQueueName):
-        kc.check_queue(name)
-    assert issubclass(kc.InvalidQueueName, ValueError)
+    with pytest.raises(errors.InvalidQueueName):
+        protocol.check_queue(name)
+    assert issubclass(errors.InvalidQueueName, ValueError)
 
 
 def test_get_command_options():
-    assert kc.get_command("q") == b"get q\r\n"
-    assert kc.get_command("q", 0) == b"get q\r\n"
-    assert kc.get_command("q", 250) == b"get q/t=250\r\n"
-    assert kc.get_command("q", 500, open_=True, close=True) == b"get q/close/open/t=500\r\n"
-    assert kc.get_command("q", open_=True) == b"get q/open\r\n"
-    assert kc.get_command("q", close=True) == b"get q/close\r\n"
-    assert kc.get_command("q", abort=True) == b"get q/abort\r\n"
-    assert kc.get_command("q", 100, peek=True) == b"get q/peek/t=100\r\n"
-    with pytest.raises(kc.InvalidQueueName):
-        kc.get_command("q/open")
+    assert protocol.get_command("q") == b"get q\r\n"
+    assert protocol.get_command("q", 0) == b"get q\r\n"
+    assert protocol.get_command("q", 250) == b"get q/t=250\r\n"
+    assert protocol.get_command("q", 500, open_=True, close=True) == b"get q/close/open/t=500\r\n"
+    assert protocol.get_command("q", open_=True) == b"get q/open\r\n"
+    assert protocol.get_command("q", close=True) == b"get q/close\r\n"
+    assert protocol.get_command("q", abort=True) == b"get q/abort\r\n"
+    assert protocol.get_command("q", 100, peek=True) == b"get q/peek/t=100\r\n"
+    with pytest.raises(errors.InvalidQueueName):
+        protocol.get_command("q/open")
 
 
 def test_build_sets_exact_bytes_binary_and_empty():
     pairs = [("a", b"x\r\ny"), ("b", b""), ("a", b"\x00\xff")]
-    assert kc.build_sets(pairs) == (b"set a 0 0 4\r\nx\r\ny\r\n" b"set b 0 0 0\r\n\r\n"
-                                    b"set a 0 0 2\r\n\x00\xff\r\n")
-    assert kc.build_sets([("q", b"z")], expire=30) == b"set q 0 30 1\r\nz\r\n"
-    assert kc.build_sets([("q", "é")]) == b"set q 0 0 2\r\n\xc3\xa9\r\n"
+    assert protocol.build_sets(pairs) == (b"set a 0 0 4\r\nx\r\ny\r\n" b"set b 0 0 0\r\n\r\n"
+                                          b"set a 0 0 2\r\n\x00\xff\r\n")
+    assert protocol.build_sets([("q", b"z")], expire=30) == b"set q 0 30 1\r\nz\r\n"
+    assert protocol.build_sets([("q", "é")]) == b"set q 0 0 2\r\n\xc3\xa9\r\n"
     with pytest.raises(TypeError):
-        kc.build_sets([("q", 7)])
-    with pytest.raises(kc.InvalidQueueName):
-        kc.build_sets([("ok", b"1"), ("bad name", b"2")])
+        protocol.build_sets([("q", 7)])
+    with pytest.raises(errors.InvalidQueueName):
+        protocol.build_sets([("ok", b"1"), ("bad name", b"2")])
 
 
 def test_as_bytes():
-    assert kc.as_bytes(b"a") == b"a"
-    assert kc.as_bytes("é") == b"\xc3\xa9"
-    assert kc.as_bytes(bytearray(b"z")) == b"z"
+    assert protocol.as_bytes(b"a") == b"a"
+    assert protocol.as_bytes("é") == b"\xc3\xa9"
+    assert protocol.as_bytes(bytearray(b"z")) == b"z"
     with pytest.raises(TypeError):
-        kc.as_bytes(5)
+        protocol.as_bytes(5)
 
 
 # ---- reply parsing -------------------------------------------------------------------------
 
 def test_split_reply_lines_keeps_partial_and_leftover():
-    assert kc.split_reply_lines(b"STORED\r\nSTORED\r\nSTO", 3) == ([b"STORED", b"STORED"], b"STO")
-    assert kc.split_reply_lines(b"STORED\r\nSTORED\r\nX", 1) == ([b"STORED"], b"STORED\r\nX")
-    assert kc.split_reply_lines(b"", 2) == ([], b"")
+    assert protocol.split_reply_lines(b"STORED\r\nSTORED\r\nSTO", 3) == ([b"STORED", b"STORED"], b"STO")
+    assert protocol.split_reply_lines(b"STORED\r\nSTORED\r\nX", 1) == ([b"STORED"], b"STORED\r\nX")
+    assert protocol.split_reply_lines(b"", 2) == ([], b"")
 
 
 def test_count_stored():
-    assert kc.count_stored([b"STORED"] * 3) == ([0, 1, 2], None)
-    assert kc.count_stored([b"STORED", b"NOT_STORED", b"STORED"]) == ([0, 2], None)
-    assert kc.count_stored([b"STORED", b"SERVER_ERROR read-only", b"STORED"]) == (
+    assert protocol.count_stored([b"STORED"] * 3) == ([0, 1, 2], None)
+    assert protocol.count_stored([b"STORED", b"NOT_STORED", b"STORED"]) == ([0, 2], None)
+    assert protocol.count_stored([b"STORED", b"SERVER_ERROR read-only", b"STORED"]) == (
         [0], b"SERVER_ERROR read-only")
 
 
@@ -96,18 +98,18 @@ def test_unstored_keeps_order():
 
 
 def test_parse_value_header():
-    assert kc.parse_value_header(b"END") is None
-    assert kc.parse_value_header(b"VALUE q 0 12") == 12
-    with pytest.raises(kc.KestrelServerError) as e:
-        kc.parse_value_header(b"CLIENT_ERROR close current item first")
+    assert protocol.parse_value_header(b"END") is None
+    assert protocol.parse_value_header(b"VALUE q 0 12") == 12
+    with pytest.raises(errors.KestrelServerError) as e:
+        protocol.parse_value_header(b"CLIENT_ERROR close current item first")
     assert not e.value.server_side
-    with pytest.raises(kc.KestrelServerError) as e:
-        kc.parse_value_header(b"SERVER_ERROR quiescent")
+    with pytest.raises(errors.KestrelServerError) as e:
+        protocol.parse_value_header(b"SERVER_ERROR quiescent")
     assert e.value.server_side
-    with pytest.raises(kc.KestrelProtocolError):
-        kc.parse_value_header(b"VALUE q 0 x")
-    with pytest.raises(kc.KestrelProtocolError):
-        kc.parse_value_header(b"STORED")
+    with pytest.raises(errors.KestrelProtocolError):
+        protocol.parse_value_header(b"VALUE q 0 x")
+    with pytest.raises(errors.KestrelProtocolError):
+        protocol.parse_value_header(b"STORED")
 
 
 def test_parse_stats_server_and_queues_with_underscores():
@@ -117,7 +119,7 @@ def test_parse_stats_server_and_queues_with_underscores():
              "STAT queue_a_total_items_total_items 2",
              "STAT queue_my_q_open_transactions 1", "STAT queue_my_q_items 0",
              "STAT queue_weird 5", "garbage"]
-    assert kc.parse_stats(lines) == {
+    assert protocol.parse_stats(lines) == {
         "server": {"uptime": 12, "version": "2.4.1", "load": 0.5, "queue_weird": 5},
         "queues": {"a": {"items": 3, "total_items": 9, "bytes": 30},
                    "a_total_items": {"items": 1, "bytes": 4, "total_items": 2},
@@ -135,7 +137,7 @@ def ports(servers):
 
 
 def test_order_rotates_over_all_servers():
-    cluster = kc.ServerSet(addresses(3), retry_ms=1000, clock=Clock(), start=1)
+    cluster = ServerSet(addresses(3), retry_ms=1000, clock=Clock(), start=1)
     assert ports(cluster.order()) == [1001, 1002, 1000]
     assert ports(cluster.order()) == [1002, 1000, 1001]
     assert ports(cluster.order()) == [1000, 1001, 1002]
@@ -144,7 +146,7 @@ def test_order_rotates_over_all_servers():
 
 def test_failed_server_is_skipped_for_retry_ms_then_retried():
     clock = Clock()
-    cluster = kc.ServerSet(addresses(2), retry_ms=1000, clock=clock, start=0)
+    cluster = ServerSet(addresses(2), retry_ms=1000, clock=clock, start=0)
     down = cluster.servers[0]
     cluster.mark_down(down)
     assert ports(cluster.order()) == [1001]
@@ -161,7 +163,7 @@ def test_failed_server_is_skipped_for_retry_ms_then_retried():
 
 
 def test_all_down_gives_empty_order():
-    cluster = kc.ServerSet(addresses(2), retry_ms=500, clock=Clock(), start=0)
+    cluster = ServerSet(addresses(2), retry_ms=500, clock=Clock(), start=0)
     for s in cluster.servers:
         cluster.mark_down(s)
     assert cluster.order() == []
@@ -176,7 +178,7 @@ class ClosedProbe:
 
 
 def test_mark_down_closes_idle_connections():
-    cluster = kc.ServerSet(addresses(1), clock=Clock(), start=0)
+    cluster = ServerSet(addresses(1), clock=Clock(), start=0)
     probes = [ClosedProbe(), ClosedProbe()]
     cluster.servers[0].idle.extend(probes)
     cluster.mark_down(cluster.servers[0])
@@ -196,7 +198,7 @@ class ScriptedClient(kc.Client):
         self.bufs = []
 
     def _put_on(self, server, pairs, buf):
-        assert buf == kc.build_sets(pairs)
+        assert buf == protocol.build_sets(pairs)
         self.sent.append((server.port, list(pairs)))
         self.bufs.append(buf)
         kind, k = self.behaviour[server.port]
@@ -204,10 +206,10 @@ class ScriptedClient(kc.Client):
             return ()
         if kind == "not_stored":  # refuses the item at index k, stores the rest
             return [pairs[k]] if k < len(pairs) else ()
-        e = kc.KestrelConnectionError("boom") if kind == "dies" else \
-            kc.KestrelServerError("SERVER_ERROR read-only")
-        e.remaining_pairs = list(pairs[k:])  # the first k were STORED
-        raise e
+        left = list(pairs[k:])  # the first k were STORED
+        if kind == "dies":
+            raise errors.KestrelConnectionError("boom", remaining=left)
+        raise errors.KestrelServerError("SERVER_ERROR read-only", remaining=left)
 
 
 def items(n):
@@ -243,10 +245,10 @@ def test_not_stored_moves_item_on_without_marking_server_down():
 def test_put_many_raises_with_remaining_when_no_server_takes_them():
     c = ScriptedClient({1: ("dies", 1), 2: ("dies", 0), 3: ("not_stored", 0)}, Clock())
     batch = items(3)
-    with pytest.raises(kc.KestrelUnavailable) as e:
+    with pytest.raises(errors.KestrelUnavailable) as e:
         c.put_many(batch)
     assert e.value.remaining == [batch[1]]
-    assert isinstance(e.value, kc.KestrelError)
+    assert isinstance(e.value, errors.KestrelError)
     # servers 1 and 2 back off, 3 answered NOT_STORED and stays healthy
     assert ports(c.cluster.order()) == [3]
     assert c.add_many("q", [b"a"]) is False
@@ -255,7 +257,7 @@ def test_put_many_raises_with_remaining_when_no_server_takes_them():
 
 def test_put_many_validates_names_before_sending():
     c = ScriptedClient({1: ("ok", 0), 2: ("ok", 0), 3: ("ok", 0)}, Clock())
-    with pytest.raises(kc.InvalidQueueName):
+    with pytest.raises(errors.InvalidQueueName):
         c.put_many([("q", b"1"), ("no/slash", b"2")])
     assert c.sent == []
     assert c.put_many([]) is None and c.sent == []
@@ -345,7 +347,7 @@ def test_read_spreads_the_wait_over_servers_in_slices():
 
 def test_single_server_read_is_one_blocking_wait():
     c = ScriptedReads({1: None})
-    c.cluster = kc.ServerSet([("h", 1)], clock=c.clock_, start=0)
+    c.cluster = ServerSet([("h", 1)], clock=c.clock_, start=0)
     assert c.get("q", timeout=3000) is None
     assert c.calls == [(1, 3000)]
 
@@ -356,7 +358,7 @@ def test_failed_server_is_not_asked_again_in_the_same_read_even_with_retry_0():
     assert [p for p, _ in c.calls] == [1, 2, 2, 2]
     c.answers[2] = kc.FAILED
     c.calls.clear()
-    with pytest.raises(kc.KestrelUnavailable):
+    with pytest.raises(errors.KestrelUnavailable):
         c.peek("q", timeout=1000)
     assert c.calls == [(2, 0), (1, 0)]
 

@@ -16,8 +16,13 @@ by a crash) or garbage: replay stops at the first bad record and reports its off
 and the server truncates the file there.  The in-memory form of a queued item IS its
 ADD record (bytes), so a compacting rewrite writes memory back verbatim.
 
-This module does no sockets and no eventlet; `Journal` does plain blocking file I/O
-(os.write to the file before the reply, fsync when the server's sync policy says so).
+The module has three parts: the record format (encode_*, item_*), replay (iter_records,
+replay_bytes: pure, bytes in, state out; load: the file, truncating a torn tail), and
+`Journal`, the writer of one queue's file.
+
+What it must not do: sockets or eventlet (`Journal` does plain blocking file I/O: os.write
+to the file before the reply, fsync when the server's sync policy says so), or know
+about queues beyond the records: store.py keeps the queue in memory.
 """
 import collections
 import logging
@@ -33,14 +38,6 @@ log = logging.getLogger("ingest.queue.journal")
 # Exit status after a journal I/O error (EX_TEMPFAIL): supervisord restarts the server,
 # which replays the journals as they are on disk and truncates the torn tail.
 EXIT_IO_ERROR = 75
-
-
-def fatal_io_error(what, exc):
-    """Stop the server at once: nothing after a failed journal write or fsync may be
-    acknowledged, and the journal on disk is the truth the restart replays."""
-    log.critical("%s failed: %s; exiting so the journals are replayed from disk", what, exc)
-    logging.shutdown()
-    os._exit(EXIT_IO_ERROR)
 
 OP_ADD, OP_REMOVE, OP_OPEN, OP_CONFIRM, OP_UNREMOVE, OP_FLUSH = 1, 2, 3, 4, 5, 6
 _OPS = frozenset((OP_ADD, OP_REMOVE, OP_OPEN, OP_CONFIRM, OP_UNREMOVE, OP_FLUSH))
@@ -60,6 +57,8 @@ _raw_write = posix.write
 # A body longer than this is treated as corruption, not as a reason to allocate.
 MAX_BODY_BYTES = 1 << 31
 
+
+# ---- the record format ------------------------------------------------------------------
 
 def encode_add(data, add_ms, expiry_ms):
     """The ADD record for one item; also the item's in-memory form."""
@@ -97,6 +96,8 @@ def item_expiry_ms(record):
 def item_add_ms(record):
     return ADD_MS.unpack_from(record, ADD_OFFSET)[0]
 
+
+# ---- replay -----------------------------------------------------------------------------
 
 class Replayed:
     """What replaying a journal produced: queued items, open reads, and where it stopped."""
@@ -183,6 +184,32 @@ def _apply_xid(state, op, xid):
             return False
         state.items.appendleft(record)
     return True
+
+def load(path):
+    """Replay the journal at `path`, truncating a torn tail in place (with a log line)."""
+    with open(path, "rb") as fh:
+        buf = fh.read()
+    state = replay_bytes(buf)
+    if state.torn:
+        log.warning("journal %s: %s at offset %d; truncated %d trailing bytes"
+                    " (data after that point may have been lost)",
+                    path, state.reason, state.good_bytes, len(buf) - state.good_bytes)
+        with open(path, "r+b") as fh:
+            fh.truncate(state.good_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return state
+
+
+
+# ---- the file of one queue ---------------------------------------------------------------
+
+def fatal_io_error(what, exc):
+    """Stop the server at once: nothing after a failed journal write or fsync may be
+    acknowledged, and the journal on disk is the truth the restart replays."""
+    log.critical("%s failed: %s; exiting so the journals are replayed from disk", what, exc)
+    logging.shutdown()
+    os._exit(EXIT_IO_ERROR)
 
 
 class Journal:
@@ -288,18 +315,3 @@ def _write_all(fd, data):
     # _raw_write is looked up at each call, so tests can stand in a failing write.
     write_all(fd, data, _raw_write)
 
-
-def load(path):
-    """Replay the journal at `path`, truncating a torn tail in place (with a log line)."""
-    with open(path, "rb") as fh:
-        buf = fh.read()
-    state = replay_bytes(buf)
-    if state.torn:
-        log.warning("journal %s: %s at offset %d; truncated %d trailing bytes"
-                    " (data after that point may have been lost)",
-                    path, state.reason, state.good_bytes, len(buf) - state.good_bytes)
-        with open(path, "r+b") as fh:
-            fh.truncate(state.good_bytes)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return state
