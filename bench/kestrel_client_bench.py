@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ingest.kestrel import Client  # noqa: E402
-from tests.support.procs import free_port, port_open  # noqa: E402
+from testkit.procs import free_port, port_open  # noqa: E402
 
 SYNC_MS = (100, 0)
 BATCHES = (50, 500)

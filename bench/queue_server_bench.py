@@ -28,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support.procs import free_port, port_open  # noqa: E402
+from testkit.procs import free_port, port_open  # noqa: E402
 
 PHASE_CAP_S = 40.0
 

@@ -4,7 +4,7 @@ Stand-alone script, not a test.
 
 (a) Spool path cost: one `ingest serve` pinned to core 0 (taskset -c 0) receives /track
     load from this process pinned to core 1 (threads over keep-alive http.client, see
-    tests/support/load.py): single-event GETs and 50-event form POSTs, each for a fixed
+    testkit/load.py): single-event GETs and 50-event form POSTs, each for a fixed
     time.  Four worker set-ups in the same run: Kestrel up (a bundled `ingest queue
     --sync-ms 100`; with two cores it must share one, so it is measured both beside the
     load on core 1 and beside the worker on core 0), Kestrel down with --spool-sync-ms 0
@@ -39,8 +39,8 @@ sys.path.insert(0, ROOT)
 
 from ingest.kestrel import Client  # noqa: E402
 from ingest.spool import Spool  # noqa: E402
-from tests.support.load import Load  # noqa: E402
-from tests.support.procs import free_port, port_open  # noqa: E402
+from testkit.load import Load  # noqa: E402
+from testkit.procs import free_port, port_open  # noqa: E402
 
 WORKER_CORE, LOAD_CORE = 0, 1
 FORWARD_CAP_S = 120.0

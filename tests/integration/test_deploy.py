@@ -36,8 +36,8 @@ import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
 from ingest.kestrel import Client
-from tests.support.procs import ROOT, Proc, free_port, port_open, wait_until
-from tests.support.queues import read_until_empty
+from testkit.procs import ROOT, Proc, free_port, port_open, wait_until
+from testkit.queues import read_until_empty
 
 LAUNCH = os.path.join(ROOT, "deploy", "launch.py")
 SUPERVISORD = os.path.join(os.path.dirname(sys.executable), "supervisord")

@@ -31,7 +31,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 import pytest
 
 from tests.integration.test_hostile import Malformed, connect, read_response, rss_kb
-from tests.support.procs import QueueServer, Worker, wait_until
+from testkit.procs import QueueServer, Worker, wait_until
 
 SEED = 20261126
 REQUESTS = 2400

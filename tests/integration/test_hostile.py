@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support.procs import QueueServer, Worker, wait_until
+from testkit.procs import QueueServer, Worker, wait_until
 
 HOST = "127.0.0.1"
 TOKEN = "hostile-token"

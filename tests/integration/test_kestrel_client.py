@@ -15,8 +15,8 @@ import pytest
 
 from ingest.kestrel import Client, KestrelError
 from ingest.kestrel.client import InvalidQueueName, KestrelUnavailable
-from tests.support.procs import ROOT, QueueServer
-from tests.support.queues import queue_stats
+from testkit.procs import ROOT, QueueServer
+from testkit.queues import queue_stats
 
 
 class Clock:
@@ -159,7 +159,7 @@ def test_writes_keep_succeeding_while_a_server_is_killed_mid_stream(two_servers)
     """A writer thread streams batches; one server is SIGKILLed under it.  No call fails,
     nothing is lost; at most the one batch in flight may be duplicated."""
     import threading
-    from tests.support.procs import wait_until
+    from testkit.procs import wait_until
     a, b = two_servers
     c = Client([a.address, b.address], retry_ms=60000)
     sent, errors, stop = [], [], threading.Event()

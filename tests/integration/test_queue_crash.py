@@ -9,7 +9,7 @@ import json
 import os
 
 from tests.integration.test_queue_server import Wire
-from tests.support.procs import QueueServer
+from testkit.procs import QueueServer
 
 
 def journal(server, queue):

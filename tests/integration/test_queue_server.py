@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.support.procs import QueueServer, wait_until
+from testkit.procs import QueueServer, wait_until
 
 
 class Wire:

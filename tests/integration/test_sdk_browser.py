@@ -22,8 +22,8 @@ import urllib.parse
 
 import pytest
 
-from tests.support.procs import ROOT, Proc, free_port
-from tests.support.queues import assert_empty, pop_processing_time, read_all
+from testkit.procs import ROOT, Proc, free_port
+from testkit.queues import assert_empty, pop_processing_time, read_all
 
 JS_DIR = os.path.join(ROOT, "tests", "js")
 SCRIPT = os.path.join(JS_DIR, "browser_sdk.js")

@@ -17,8 +17,8 @@ import urllib.parse
 
 import pytest
 
-from tests.support.procs import ROOT
-from tests.support.queues import (assert_empty, pop_filled_time, pop_processing_time,
+from testkit.procs import ROOT
+from testkit.queues import (assert_empty, pop_filled_time, pop_processing_time,
                                   read_all)
 
 JS_DIR = os.path.join(ROOT, "tests", "js")

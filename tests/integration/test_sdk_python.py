@@ -14,7 +14,7 @@ import time
 import mixpanel
 import pytest
 
-from tests.support.queues import assert_empty, pop_processing_time, read_all
+from testkit.queues import assert_empty, pop_processing_time, read_all
 
 TOKEN = "py-sdk-token"
 SECRET = "py-sdk-secret-2f7c"

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.integration.test_hostile import assert_clean, connect, read_response
-from tests.support.procs import wait_until
+from testkit.procs import wait_until
 
 SLOW = 420                      # trickling connections
 TRICKLE_S = 3.0                 # each request takes about this long to arrive

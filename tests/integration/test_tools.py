@@ -6,8 +6,8 @@ import time
 
 
 from ingest.kestrel import Client
-from tests.support.procs import ROOT, free_port
-from tests.support.queues import queue_stats
+from testkit.procs import ROOT, free_port
+from testkit.queues import queue_stats
 
 
 def ingest(*args, timeout=30):
