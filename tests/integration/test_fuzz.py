@@ -30,8 +30,8 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import pytest
 
-from tests.integration.test_hostile import Malformed, connect, read_response, rss_kb
-from testkit.procs import QueueServer, Worker, wait_until
+from tests.integration.test_hostile import Malformed, connect, read_response
+from testkit.procs import QueueServer, Worker, rss_kib, wait_until
 
 SEED = 20261126
 REQUESTS = 2400
@@ -540,7 +540,7 @@ def fuzz_run(tmp_path_factory):
         _one_valid_request(worker.port)      # opens the Kestrel connection before counting
         fds_before = _fd_count(pid)
         keep = KeepAlive(worker.port)
-        outcomes, rss = [], [(0, rss_kb(pid))]
+        outcomes, rss = [], [(0, rss_kib(pid))]
         started = time.monotonic()
         for n, (mode, raw, label) in enumerate(requests, 1):
             if mode == "keep":
@@ -548,7 +548,7 @@ def fuzz_run(tmp_path_factory):
             else:
                 outcomes.append(_send_close(worker.port, raw, label))
             if n % 100 == 0:
-                rss.append((n, rss_kb(pid)))
+                rss.append((n, rss_kib(pid)))
         keep.close()
         elapsed = time.monotonic() - started
         yield {"outcomes": outcomes, "stale": keep.stale, "rss": rss, "elapsed": elapsed,

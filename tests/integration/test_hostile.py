@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from testkit.procs import QueueServer, Worker, wait_until
+from testkit.procs import QueueServer, Worker, rss_kib, wait_until
 
 HOST = "127.0.0.1"
 TOKEN = "hostile-token"
@@ -739,22 +739,14 @@ def _bomb(megabytes):
 def test_gzip_bomb_gets_413_and_memory_stays_bounded(default_worker):
     bomb = _bomb(512)       # 512 MB inflated, ~0.5 MB on the wire
     assert len(bomb) < DEFAULT_MAX_BODY
-    before = rss_kb(default_worker.proc.pid)
+    before = rss_kib(default_worker.proc.pid)
     started = time.monotonic()
     resp = _gzip_post(default_worker.port, bomb)
     assert_clean(resp, 413)
     assert time.monotonic() - started < 5
     # inflating stops at the cap (10 MB) instead of 512 MB
-    assert rss_kb(default_worker.proc.pid) - before < 100 * 1024
+    assert rss_kib(default_worker.proc.pid) - before < 100 * 1024
     assert_alive(default_worker)
-
-
-def rss_kb(pid):
-    with open("/proc/%d/status" % pid) as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for pid %d" % pid)
 
 
 @pytest.mark.parametrize("name,body", [

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from testkit.procs import QueueServer, wait_until
+from testkit.procs import QueueServer, rss_kib, wait_until
 
 
 class Wire:
@@ -660,9 +660,7 @@ def test_bad_or_huge_lengths(conn, srv, length):
 
 
 def test_gigabyte_length_does_not_grow_memory(conn, srv):
-    rss = lambda: int([l for l in open("/proc/%d/status" % srv.proc.pid)  # noqa: E731
-                       if l.startswith("VmRSS:")][0].split()[1])
-    before = rss()
+    before = rss_kib(srv.proc.pid)
     w = conn()
     w.send(b"set gb 0 0 4000000000\r\n")
     assert w.line() == b"NOT_STORED"
@@ -671,7 +669,7 @@ def test_gigabyte_length_does_not_grow_memory(conn, srv):
         w.send(chunk)
     w.close()
     assert_server_serves(srv)
-    assert rss() - before < 32 * 1024      # KiB: 64 MiB streamed, far less retained
+    assert rss_kib(srv.proc.pid) - before < 32 * 1024      # KiB: 64 MiB streamed, far less retained
 
 
 # ---- stopping ----------------------------------------------------------------------------

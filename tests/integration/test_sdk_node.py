@@ -17,7 +17,7 @@ import urllib.parse
 
 import pytest
 
-from testkit.procs import ROOT
+from testkit.procs import ROOT, no_proxy_env
 from testkit.queues import (assert_empty, pop_filled_time, pop_processing_time,
                                   read_all)
 
@@ -43,11 +43,8 @@ def node():
 def run_plan(node, tmp_path, clients, steps, timeout_s=30):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"clients": clients, "steps": steps}))
-    env = {k: v for k, v in os.environ.items()
-           if k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    done = subprocess.run([node, SCRIPT, str(plan)], cwd=JS_DIR, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
+    done = subprocess.run([node, SCRIPT, str(plan)], cwd=JS_DIR, env=no_proxy_env(),
+                          capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, "node_sdk.js failed (%s):\n%s\n%s" % (
         done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     return json.loads(done.stdout)
