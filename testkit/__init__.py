@@ -3,6 +3,7 @@
     procs     start real processes on loopback, free ports, wait by polling, /proc figures
     queues    read back what landed on a Kestrel queue
     load      a threaded /track load driver that records every acknowledgement
+    rawhttp   one HTTP request written byte for byte on a socket, the answer parsed strictly
 
 It lives beside ingest/, tests/ and bench/ so that `python -m pytest` and
 `python -m bench.<x>`, both run from the repository root, import it as `testkit`.

@@ -38,6 +38,7 @@ from supervisor.xmlrpc import SupervisorTransport
 from ingest.kestrel import Client
 from testkit.procs import ROOT, Proc, free_port, port_open, wait_until
 from testkit.queues import read_until_empty
+from testkit.rawhttp import roundtrip
 
 LAUNCH = os.path.join(ROOT, "deploy", "launch.py")
 SUPERVISORD = os.path.join(os.path.dirname(sys.executable), "supervisord")
@@ -451,28 +452,6 @@ def test_rendered_nginx_conf_follows_the_worker_limits(tmp_path):
                      if os.geteuid() == 0 else [])
 
 
-def raw_request(port, head):
-    """Send `head` (request line, headers, maybe a body) -> (status line, headers, body).
-
-    Reads by Content-Length: after a 413 nginx keeps the connection open for a while to
-    discard the body that never comes, so waiting for EOF would stall.
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(head.encode("ascii"))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += s.recv(65536) or _eof(data)
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
-        while len(body) < length:
-            body += s.recv(65536) or _eof(data + body)
-    return head, body
-
-
-def _eof(data):
-    raise AssertionError("connection closed mid-response: %r" % data)
-
-
 def test_nginx_answers_its_own_errors_in_the_api_shape(tmp_path):
     """No worker listening: 503 + Retry-After in JSON (SDKs retry); body over the limit: 413."""
     port, base = free_port(), free_port_run(2)
@@ -483,15 +462,17 @@ def test_nginx_answers_its_own_errors_in_the_api_shape(tmp_path):
     nginx.start().wait_port("127.0.0.1", port)
     workers = child_pids(nginx.pid)
     try:
-        head, body = raw_request(port, "POST /track HTTP/1.1\r\nHost: x\r\n"
-                                       "Content-Type: application/x-www-form-urlencoded\r\n"
-                                       "Content-Length: 6\r\n\r\ndata=x")
+        resp = roundtrip(port, b"POST /track HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: application/x-www-form-urlencoded\r\n"
+                               b"Content-Length: 6\r\n\r\ndata=x")
+        head, body = resp.head, resp.body
         assert head.startswith(b"HTTP/1.1 503 "), head
         assert b"\r\nRetry-After: 1\r\n" in head + b"\r\n"
         assert json.loads(body) == {"status": 0, "error": "no worker available"}
 
-        head, body = raw_request(port, "POST /track HTTP/1.1\r\nHost: x\r\n"
-                                       "Content-Length: %d\r\n\r\n" % (10 * 1024 * 1024 + 1))
+        resp = roundtrip(port, b"POST /track HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Length: %d\r\n\r\n" % (10 * 1024 * 1024 + 1))
+        head, body = resp.head, resp.body
         assert head.startswith(b"HTTP/1.1 413 "), head
         assert json.loads(body) == {"status": 0, "error": "request body too large"}
     finally:

@@ -30,8 +30,8 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import pytest
 
-from tests.integration.test_hostile import Malformed, connect, read_response
 from testkit.procs import QueueServer, Worker, rss_kib, wait_until
+from testkit.rawhttp import Malformed, connect, read_response, roundtrip, send
 
 SEED = 20261126
 REQUESTS = 2400
@@ -446,11 +446,7 @@ def _read_all_responses(sock, head=False):
 
 def _send_close(port, raw, label):
     with connect(port, timeout=5) as sock:
-        try:
-            sock.sendall(raw)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        send(sock, raw, half_close=True)
         try:
             responses, malformed = _read_all_responses(sock, head=_is_head(raw))
         except socket.timeout:
@@ -493,10 +489,7 @@ class KeepAlive:
         self.used += 1
         reused = self.used > 1
         try:
-            try:
-                self.sock.sendall(raw)
-            except OSError:
-                pass    # the worker may answer (414, 413) and close before taking it all
+            send(self.sock, raw)   # the worker may answer (414, 413) before taking it all
             # An answer to HEAD has a Content-Length but no body.
             resp, extra = read_response(self.sock, no_body=_is_head(raw))
         except Malformed as exc:
@@ -564,11 +557,8 @@ def _fd_count(pid):
 
 
 def _one_valid_request(port):
-    with connect(port) as sock:
-        data = base64.b64encode(b'{"event":"probe","properties":{"token":"t"}}').decode()
-        sock.sendall(("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n" % data).encode())
-        resp, _ = read_response(sock)
-    return resp
+    data = base64.b64encode(b'{"event":"probe","properties":{"token":"t"}}').decode()
+    return roundtrip(port, ("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n" % data).encode())
 
 
 def violations(outcome):

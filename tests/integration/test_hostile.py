@@ -7,8 +7,7 @@ matches the body.  Known bugs are marked xfail(strict=True) with the exact reque
 mark fails loudly the day the bug is fixed.  This module must not monkey-patch (the
 worker is a separate eventlet process) and must not reach anything but 127.0.0.1.
 
-The raw-HTTP helpers (`exchange`, `read_response`, `Response`) are reused by
-test_fuzz.py and test_slow_clients.py.
+The raw-HTTP layer (building, sending, strict parsing) is testkit/rawhttp.py.
 """
 import base64
 import gzip
@@ -23,8 +22,9 @@ from urllib.parse import quote
 import pytest
 
 from testkit.procs import QueueServer, Worker, rss_kib, wait_until
+from testkit.rawhttp import (assert_clean, closed_by_peer, connect, exchange, read_response,
+                             request)
 
-HOST = "127.0.0.1"
 TOKEN = "hostile-token"
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 # Small limits so "at" and "just over" are cheap to build; flag -> value.
@@ -33,158 +33,7 @@ LIMITS = {"max_request_line_bytes": 1000, "max_header_bytes": 500, "max_headers"
           "max_properties": 10, "max_depth": 3, "max_string_chars": 100}
 
 
-# ---- raw HTTP ------------------------------------------------------------------------
-
-class Malformed(AssertionError):
-    """The bytes the worker sent are not an HTTP/1.x response (`data` holds them)."""
-
-    def __init__(self, message, data=b""):
-        super().__init__(message)
-        self.data = data
-
-
-class Response:
-    def __init__(self, version, status, reason, headers, body, raw):
-        self.version, self.status, self.reason = version, status, reason
-        self.headers, self.body, self.raw = headers, body, raw   # headers: lower-case names
-
-    def header(self, name):
-        return self.headers.get(name.lower())
-
-    def __repr__(self):
-        return "<Response %s %r>" % (self.status, self.raw[:300])
-
-
-def _recv_some(sock):
-    data = sock.recv(65536)
-    if not data:
-        raise EOFError
-    return data
-
-
-def _read_head(sock, buf):
-    """Bytes up to the end of a response head (the blank line)."""
-    while b"\r\n\r\n" not in buf:
-        try:
-            buf += _recv_some(sock)
-        except EOFError:
-            if not buf:
-                raise
-            buf += _drain(sock)
-            if buf.lstrip().startswith(b"HTTP/"):
-                raise Malformed("connection closed inside the response head: %r" % buf[:300], buf)
-            raise Malformed("no HTTP status line: %r" % buf[:300], buf)
-        if len(buf) > 1 << 20:
-            raise Malformed("response head larger than 1 MB", buf)
-    return buf
-
-
-def _drain(sock, timeout=0.3):
-    """What else the peer sends until it closes or pauses (for failure messages)."""
-    got, saved = b"", sock.gettimeout()
-    sock.settimeout(timeout)
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return got
-            got += data
-    except OSError:
-        return got
-    finally:
-        sock.settimeout(saved)
-
-
-def read_response(sock, buf=b"", no_body=False):
-    """Read one response from `sock` (after bytes already in `buf`); returns
-    (Response, leftover bytes).  Raises EOFError when the peer closed before any byte,
-    Malformed when what arrived is not a well-formed HTTP/1.x response.  `no_body` is for
-    the answer to HEAD (a Content-Length but no body)."""
-    buf = _read_head(sock, buf)
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1") or not parts[1].isdigit():
-        raise Malformed("no HTTP status line: %r" % buf[:300], buf + _drain(sock))
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise Malformed("bad header line %r in %r" % (line, buf[:300]), buf)
-        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
-    if "transfer-encoding" in headers:
-        raise Malformed("chunked answer; the worker always sends Content-Length: %r" % buf[:300], buf)
-    if "content-length" not in headers or not headers["content-length"].isdigit():
-        raise Malformed("answer without a valid Content-Length: %r" % buf[:300], buf)
-    length = 0 if no_body else int(headers["content-length"])
-    while len(rest) < length:
-        try:
-            rest += _recv_some(sock)
-        except EOFError:
-            raise Malformed("body shorter than Content-Length %d: %r" % (length, buf[:300]), buf)
-    resp = Response(parts[0].decode(), int(parts[1]), parts[2].decode("latin-1") if len(parts) > 2
-                    else "", headers, rest[:length], head + b"\r\n\r\n" + rest[:length])
-    return resp, rest[length:]
-
-
-def connect(port, timeout=5.0):
-    sock = socket.create_connection((HOST, port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def exchange(port, raw, half_close=True, timeout=5.0):
-    """One request on a fresh connection; half-closing tells the worker no more bytes come
-    (so a request cut short is answered instead of waited for).  Returns the Response and
-    whether the worker then closed the connection."""
-    with connect(port, timeout) as sock:
-        try:
-            sock.sendall(raw)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass        # answered and closed before reading everything: read the answer
-        resp, extra = read_response(sock)
-        try:
-            closed = not extra and not sock.recv(1)
-        except OSError:
-            closed = True
-        return resp, closed
-
-
-def closed_by_peer(sock, timeout):
-    """Seconds until the worker closes `sock` (bytes received meanwhile are returned)."""
-    sock.settimeout(timeout)
-    started, got = time.monotonic(), b""
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            got += data
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - started, got
-
-
-def request(method, target, headers=(), body=b"", close=True):
-    """Bytes of one HTTP/1.1 request; Content-Length is added for a body."""
-    lines = ["%s %s HTTP/1.1" % (method, target), "Host: 127.0.0.1"]
-    lines += ["%s: %s" % h for h in headers]
-    if body and not any(h[0].lower() == "content-length" for h in headers):
-        lines.append("Content-Length: %d" % len(body))
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def assert_clean(resp, status):
-    """The answer every hostile request must get: the expected status, a body that is
-    exactly Content-Length long, no traceback, never a 5xx but 503."""
-    assert resp.status == status, resp
-    assert int(resp.header("content-length")) == len(resp.body)
-    assert b"Traceback" not in resp.body and b'File "' not in resp.body, resp
-
+# ---- request builders ----------------------------------------------------------------
 
 def event(**props):
     props.setdefault("token", TOKEN)
@@ -197,12 +46,6 @@ def compact(obj):
 
 def b64(obj):
     return base64.b64encode(compact(obj).encode("utf-8")).decode("ascii")
-
-
-def post_form(path, data, extra="", headers=()):
-    body = ("data=%s%s" % (data, extra)).encode("utf-8")
-    return request("POST", path, (("Content-Type", "application/x-www-form-urlencoded"),)
-                   + tuple(headers), body)
 
 
 def post_json(path, text, headers=()):

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.integration.test_hostile import assert_clean, connect, read_response
 from testkit.procs import wait_until
+from testkit.rawhttp import assert_clean, connect, read_response, roundtrip
 
 SLOW = 420                      # trickling connections
 TRICKLE_S = 3.0                 # each request takes about this long to arrive
@@ -58,9 +58,7 @@ class Prober(threading.Thread):
             i += 1
             started = time.monotonic()
             try:
-                with connect(self.port, timeout=5) as sock:
-                    sock.sendall(_request(100000 + i, close=True))
-                    resp, _ = read_response(sock)
+                resp = roundtrip(self.port, _request(100000 + i, close=True))
                 assert (resp.status, resp.body) == (200, b"1"), resp
                 self.latencies.append(time.monotonic() - started)
             except Exception as exc:      # reported by the test, not lost in the thread
@@ -112,9 +110,7 @@ def test_slow_clients_do_not_starve_ordinary_requests(worker, enough_fds):
         for sock in socks:
             sock.close()
     assert worker.proc.alive(), worker.proc.output()
-    with connect(worker.port) as sock:
-        sock.sendall(_request(-1, close=True))
-        resp, _ = read_response(sock)
+    resp = roundtrip(worker.port, _request(-1, close=True))
     assert (resp.status, resp.body) == (200, b"1")
 
 
@@ -122,9 +118,7 @@ def test_abandoned_half_requests_are_released(worker, enough_fds):
     """420 connections each send half a request and vanish; the worker stays up, answers
     at once, and its descriptors come back to where they were."""
     fd_dir = "/proc/%d/fd" % worker.proc.pid
-    with connect(worker.port) as sock:           # warm up: Kestrel connection, pools
-        sock.sendall(_request(0, close=True))
-        read_response(sock)
+    roundtrip(worker.port, _request(0, close=True))   # warm up: Kestrel connection, pools
     before = len(os.listdir(fd_dir))
     socks = [connect(worker.port, timeout=10) for _ in range(SLOW)]
     try:
@@ -136,9 +130,7 @@ def test_abandoned_half_requests_are_released(worker, enough_fds):
         wait_until(lambda: len(os.listdir(fd_dir)) >= before + SLOW - 2, timeout=10,
                    message="the worker to accept every connection")
         started = time.monotonic()
-        with connect(worker.port) as sock:
-            sock.sendall(_request(-2, close=True))
-            resp, _ = read_response(sock)
+        resp = roundtrip(worker.port, _request(-2, close=True))
         assert (resp.status, resp.body) == (200, b"1")
         assert time.monotonic() - started < PROBE_LIMIT_S
     finally:
