@@ -25,7 +25,6 @@ minutes); every process it starts is stopped by pid; temporary directories (on d
                                           [--records 1000000] [--skip-a] [--skip-b]
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -40,6 +39,7 @@ sys.path.insert(0, ROOT)
 from ingest.kestrel import Client  # noqa: E402
 from ingest.spool import Spool  # noqa: E402
 from testkit.load import Load  # noqa: E402
+from testkit.payloads import compact_json  # noqa: E402
 from testkit.procs import free_port, port_open  # noqa: E402
 
 WORKER_CORE, LOAD_CORE = 0, 1
@@ -168,7 +168,7 @@ def event_payload(i):
         "token": "bench-token", "$insert_id": "fwd-%09d" % i, "distinct_id": "user-%d" % (i % 5000),
         "time": 1795660000.123 + i / 1000.0, "mp_processing_time_ms": 1795660000123 + i,
         "$current_url": "https://example.com/pricing", "plan": "pro"}}
-    return json.dumps(record, separators=(",", ":")).encode("utf-8")
+    return compact_json(record).encode("utf-8")
 
 
 def build_spool(directory, records, batch=1000):

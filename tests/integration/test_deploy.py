@@ -15,7 +15,6 @@ What it must not do: sleep to wait (everything polls with a deadline), touch por
 directories it did not pick, or signal any process that is not part of the tree it
 started.
 """
-import base64
 import grp
 import itertools
 import json
@@ -36,6 +35,7 @@ import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
 from ingest.kestrel import Client
+from testkit.payloads import b64_json, write_routes
 from testkit.procs import ROOT, Proc, free_port, port_open, wait_until
 from testkit.queues import read_until_empty
 from testkit.rawhttp import roundtrip
@@ -218,16 +218,10 @@ def tree(tmp_path):
     t.cleanup()
 
 
-def write_routes(path, table):
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(table, fh)
-    os.replace(path + ".tmp", path)  # a worker reloading now never reads half a file
-
-
 def track_body(token, insert_id, **props):
     record = {"event": "deploy test", "properties": dict(
         props, token=token, distinct_id="d", **{"$insert_id": insert_id})}
-    return {"data": base64.b64encode(json.dumps(record).encode()).decode()}
+    return {"data": b64_json(record, compact=False)}
 
 
 def post_form(url, fields, headers=None):
@@ -292,13 +286,13 @@ def probe_xff_and_long_url(tree):
     """Two requests the defaults of nginx would break; returns their insert_ids."""
     record = {"event": "probe", "properties": {"token": TOKEN, "distinct_id": "p",
                                                "$insert_id": "deploy-probe-xff"}}
-    data = base64.b64encode(json.dumps(record).encode()).decode()
+    data = b64_json(record, compact=False)
     status, body = post_form(tree.base_url + "/track?ip=1", {"data": data},
                              headers={"X-Forwarded-For": "203.0.113.7"})
     assert (status, body.strip()) == (200, b"1")
     # A 30 kB URL: nginx's default 8 kB header buffer would answer 414.
     record["properties"].update({"$insert_id": "deploy-probe-long", "pad": "x" * 20000})
-    query = urllib.parse.urlencode({"data": base64.b64encode(json.dumps(record).encode())})
+    query = urllib.parse.urlencode({"data": b64_json(record, compact=False)})
     with urllib.request.urlopen(tree.base_url + "/track?" + query, timeout=10) as resp:
         assert (resp.status, resp.read().strip()) == (200, b"1")
     return {"deploy-probe-xff", "deploy-probe-long"}

@@ -30,6 +30,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import pytest
 
+from testkit.payloads import b64, b64_json, basic_auth, compact_json
 from testkit.procs import QueueServer, Worker, rss_kib, wait_until
 from testkit.rawhttp import Malformed, connect, read_response, roundtrip, send
 
@@ -93,41 +94,33 @@ def _event(rng, i, now):
         "tags": ["a", "b"], "nested": {"k": [1, {"z": None}]}, "$browser": "Firefox"}}
 
 
-def _dumps(obj):
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def _b64(text):
-    return base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
-
-
 def seeds(rng, i, now):
     """All SDK shapes for record number i (one is picked per request)."""
     one, batch = _event(rng, i, now), [_event(rng, i * 10 + k, now) for k in range(3)]
     engage = {"$token": TOKEN, "$distinct_id": MARKER, "$set": {"plan": "pro", "n": i}}
     group = {"$token": TOKEN, "$group_key": "company", "$group_id": "g%d" % i,
              "$set": {"name": MARKER}}
-    auth = "Basic " + base64.b64encode((SECRET + ":").encode()).decode()
+    auth = basic_auth(SECRET)
     browser = [("User-Agent", "Mozilla/5.0"), ("Origin", "http://site.example")]
     return [
-        Req("GET", "/track", [("data", _b64(_dumps(one))), ("ip", "1"), ("_", str(i)),
+        Req("GET", "/track", [("data", b64_json(one)), ("ip", "1"), ("_", str(i)),
                               ("mk", MARKER)], browser),
         Req("POST", "/track", [("ip", "1"), ("mk", MARKER)], browser,
-            body_params=[("data", quote(_b64(_dumps(batch)), safe=""))], ctype="text/plain"),
+            body_params=[("data", quote(b64_json(batch), safe=""))], ctype="text/plain"),
         Req("POST", "/track", [], [("User-Agent", "mixpanel-python/5.4.1")],
-            body_params=[("data", quote_plus(_dumps(batch))), ("verbose", "1"), ("ip", "0")],
+            body_params=[("data", quote_plus(compact_json(batch))), ("verbose", "1"), ("ip", "0")],
             ctype="application/x-www-form-urlencoded"),
         Req("POST", "/track", [("ip", "0"), ("verbose", "1")], [("User-Agent", "node")],
-            body_params=[("data", _b64(_dumps(batch)))],
+            body_params=[("data", b64_json(batch))],
             ctype="application/x-www-form-urlencoded"),
-        Req("GET", "/engage", [("data", _b64(_dumps(engage))), ("verbose", "1"), ("mk", MARKER)],
+        Req("GET", "/engage", [("data", b64_json(engage)), ("verbose", "1"), ("mk", MARKER)],
             browser),
         Req("POST", "/groups", [("verbose", "1")], [],
-            body_params=[("data", quote_plus(_dumps([group])))],
+            body_params=[("data", quote_plus(compact_json([group])))],
             ctype="application/x-www-form-urlencoded"),
         Req("POST", "/import", [("strict", "1"), ("project_id", "1")], [("Authorization", auth)],
-            body=_dumps(batch).encode(), ctype="application/json"),
-        Req("POST", "/track", [("verbose", "1")], [], body=_dumps(batch).encode(),
+            body=compact_json(batch).encode(), ctype="application/json"),
+        Req("POST", "/track", [("verbose", "1")], [], body=compact_json(batch).encode(),
             ctype="application/json"),
     ]
 
@@ -178,7 +171,7 @@ def _json_text(req):
         return None, None
 
     def put(new):
-        encoded = _b64(new)
+        encoded = b64(new)
         pairs[idx] = ("data", quote(encoded, safe="") if pairs is req.body_params else encoded)
     return text, put
 
@@ -309,7 +302,7 @@ def m_repeat(rng, req):
         except (ValueError, AssertionError):
             return "none"
         n = rng.choice([500, 2000, 2001, 3000])
-        req.body = _dumps([records[0]] * n).encode()
+        req.body = compact_json([records[0]] * n).encode()
         return "many_records"
     return "none"
 
@@ -557,7 +550,7 @@ def _fd_count(pid):
 
 
 def _one_valid_request(port):
-    data = base64.b64encode(b'{"event":"probe","properties":{"token":"t"}}').decode()
+    data = b64(b'{"event":"probe","properties":{"token":"t"}}')
     return roundtrip(port, ("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n" % data).encode())
 
 

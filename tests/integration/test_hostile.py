@@ -9,7 +9,7 @@ worker is a separate eventlet process) and must not reach anything but 127.0.0.1
 
 The raw-HTTP layer (building, sending, strict parsing) is testkit/rawhttp.py.
 """
-import base64
+import functools
 import gzip
 import json
 import os
@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import pytest
 
+from testkit.payloads import b64, b64_json, basic_auth, compact_json
 from testkit.procs import QueueServer, Worker, rss_kib, wait_until
 from testkit.rawhttp import (assert_clean, closed_by_peer, connect, exchange, read_response,
                              request)
@@ -35,17 +36,13 @@ LIMITS = {"max_request_line_bytes": 1000, "max_header_bytes": 500, "max_headers"
 
 # ---- request builders ----------------------------------------------------------------
 
+# JSON bodies keep non-ASCII characters as UTF-8: the byte and string limits count them so.
+compact = functools.partial(compact_json, ensure_ascii=False)
+
+
 def event(**props):
     props.setdefault("token", TOKEN)
     return {"event": "hostile", "properties": props}
-
-
-def compact(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def b64(obj):
-    return base64.b64encode(compact(obj).encode("utf-8")).decode("ascii")
 
 
 def post_json(path, text, headers=()):
@@ -62,7 +59,7 @@ def verbose(port, records, path="/track"):
 
 def assert_alive(worker):
     assert worker.proc.alive(), worker.proc.output()
-    resp, _ = exchange(worker.port, request("GET", "/track?data=" + b64(event())))
+    resp, _ = exchange(worker.port, request("GET", "/track?data=" + b64_json(event())))
     assert_clean(resp, 200)
     assert resp.body == b"1"
 
@@ -101,7 +98,7 @@ def limited(tmp_path_factory, queue):
 
 def _request_line(n):
     """A valid /track request line of exactly n bytes including its CRLF."""
-    head = "GET /track?data=%s&pad=" % b64(event())
+    head = "GET /track?data=%s&pad=" % b64_json(event())
     tail = " HTTP/1.1\r\n"
     return (head + "a" * (n - len(head) - len(tail)) + tail).encode("ascii")
 
@@ -128,7 +125,7 @@ def test_default_url_limit_fits_a_large_sdk_get(default_worker):
     # The browser SDK batches into GET `data`; 50 events of ~600 bytes base64 to ~40 KB,
     # under the 64 KiB default.
     records = [event(distinct_id="user-%d" % i, pad="p" * 400, i=i) for i in range(50)]
-    target = "/track?data=" + b64(records)
+    target = "/track?data=" + b64_json(records)
     assert 30000 < len(target) < 65536 - 20
     resp, _ = exchange(default_worker.port, request("GET", target))
     assert_clean(resp, 200)
@@ -136,7 +133,7 @@ def test_default_url_limit_fits_a_large_sdk_get(default_worker):
 
 
 def test_default_url_limit_over_gets_414(default_worker):
-    target = "/track?data=" + b64(event()) + "&pad=" + "a" * 70000
+    target = "/track?data=" + b64_json(event()) + "&pad=" + "a" * 70000
     # Only a little more than the limit is sent: the worker stops reading at 64 KiB.
     resp, closed = exchange(default_worker.port, request("GET", target)[:65536 + 100])
     assert_clean(resp, 414)
@@ -149,7 +146,7 @@ def _header_line(n):
 
 
 def test_header_line_just_under_limit_is_served(limited):
-    raw = (b"GET /track?data=" + b64(event()).encode() + b" HTTP/1.1\r\n"
+    raw = (b"GET /track?data=" + b64_json(event()).encode() + b" HTTP/1.1\r\n"
            + _header_line(LIMITS["max_header_bytes"] - 1) + b"Connection: close\r\n\r\n")
     resp, _ = exchange(limited.port, raw)
     assert_clean(resp, 200)
@@ -158,7 +155,7 @@ def test_header_line_just_under_limit_is_served(limited):
 @pytest.mark.parametrize("extra", [0, 1, 20000])
 def test_header_line_at_or_over_limit_gets_400_and_worker_stays_up(limited, extra):
     # eventlet answers an over-long header line with its own 400 and closes.
-    raw = (b"GET /track?data=" + b64(event()).encode() + b" HTTP/1.1\r\n"
+    raw = (b"GET /track?data=" + b64_json(event()).encode() + b" HTTP/1.1\r\n"
            + _header_line(LIMITS["max_header_bytes"] + extra) + b"Connection: close\r\n\r\n")
     resp, closed = exchange(limited.port, raw)
     assert_clean(resp, 400)
@@ -172,7 +169,7 @@ def _with_header_lines(n):
     lines = ["Connection: close", "Content-Type: text/plain"]
     lines += ["X-H%d: v" % i for i in range(n - len(lines))]
     return ("GET /track?data=%s HTTP/1.1\r\n%s\r\n\r\n"
-            % (b64(event()), "\r\n".join(lines))).encode("ascii")
+            % (b64_json(event()), "\r\n".join(lines))).encode("ascii")
 
 
 def test_header_count_at_limit_is_served(limited):
@@ -217,7 +214,7 @@ def test_total_header_size_over_64k_gets_400(default_worker):
 # ---- body, records and record limits ---------------------------------------------------
 
 def _form_body_of(n):
-    body = "data=%s&pad=" % b64(event())
+    body = "data=%s&pad=" % b64_json(event())
     return (body + "a" * (n - len(body))).encode("ascii")
 
 
@@ -350,8 +347,8 @@ MALFORMED = [
     ("bad_base64_verbose", _get("!!!notbase64***", "&verbose=1"), 200,
      b'{"status": 0, "error": "data is neither JSON nor valid base64"}'),
     ("bad_json", _get("%7B%22event%22%3A"), 200, b"0"),
-    ("bad_json_in_base64", _get(base64.b64encode(b'{"event":').decode()), 200, b"0"),
-    ("invalid_utf8_in_base64", _get(base64.b64encode(b'{"event":"\xff\xfe"}').decode(),
+    ("bad_json_in_base64", _get(b64(b'{"event":')), 200, b"0"),
+    ("invalid_utf8_in_base64", _get(b64(b'{"event":"\xff\xfe"}'),
                                     "&verbose=1"), 200,
      b'{"status": 0, "error": "data is not valid UTF-8"}'),
     ("invalid_utf8_body", request("POST", "/track?verbose=1", (("Content-Type", "text/plain"),),
@@ -363,7 +360,7 @@ MALFORMED = [
      200, b"0"),
     ("huge_integer", post_json("/track", '[' + "9" * 5000 + ']'), 200, b"0"),
     ("data_is_a_number", _get("5"), 200, b"0"),
-    ("data_is_a_string", _get(base64.b64encode(b'"str"').decode(), "&verbose=1"), 200,
+    ("data_is_a_string", _get(b64(b'"str"'), "&verbose=1"), 200,
      b'{"status": 0, "error": "data must be a JSON object or array"}'),
     ("missing_data", request("GET", "/track?verbose=1"), 200,
      b'{"status": 0, "error": "data parameter is missing"}'),
@@ -437,14 +434,14 @@ def test_input_is_not_echoed_in_error_bodies(default_worker):
 @pytest.mark.parametrize("value", ["-5", "abc", "1 0", "0x10", "\u0663".encode("utf-8").decode("latin-1")])
 def test_negative_or_non_numeric_content_length_gets_400(default_worker, value):
     raw = ("POST /track HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: %s\r\n\r\n"
-           "data=%s" % (value, b64(event()))).encode("latin-1")
+           "data=%s" % (value, b64_json(event()))).encode("latin-1")
     resp, closed = exchange(default_worker.port, raw)
     assert_clean(resp, 400)
     assert closed
 
 
 def _padded_body(multiple):
-    body = "data=%s&pad=" % b64(event())
+    body = "data=%s&pad=" % b64_json(event())
     return (body + "a" * (-len(body) % multiple)).encode("ascii")
 
 
@@ -482,7 +479,7 @@ def test_non_chunked_transfer_encoding_gets_400(default_worker):
 
 
 def test_valid_chunked_body_is_served(default_worker):
-    data = ("data=" + b64(event())).encode()
+    data = ("data=" + b64_json(event())).encode()
     raw = request("POST", "/track", (("Content-Type", "text/plain"),
                                      ("Transfer-Encoding", "chunked"))) \
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
@@ -527,7 +524,8 @@ def test_bad_request_line_is_not_echoed(default_worker):
 
 
 def test_bad_header_line_does_not_smuggle_the_body(default_worker):
-    smuggled = ("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n" % b64(event(n="smuggled"))).encode()
+    smuggled = ("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n"
+                % b64_json(event(n="smuggled"))).encode()
     raw = (b"POST /track HTTP/1.1\r\nHost: x\r\nX-Bad Name: v\r\nContent-Type: text/plain\r\n"
            b"Content-Length: %d\r\n\r\n" % len(smuggled)) + smuggled
     resp, closed = exchange(default_worker.port, raw)
@@ -554,7 +552,7 @@ def _gzip_post(worker_port, compressed, encoding="gzip"):
 
 
 def test_gzip_body_is_accepted(default_worker):
-    resp = _gzip_post(default_worker.port, gzip.compress(("data=" + b64(event())).encode()))
+    resp = _gzip_post(default_worker.port, gzip.compress(("data=" + b64_json(event())).encode()))
     assert_clean(resp, 200)
     assert json.loads(resp.body) == {"status": 1, "error": None}
 
@@ -616,14 +614,15 @@ def test_unknown_content_encoding_gets_415(default_worker):
     "x" * 129, "\u00e9t\u00e9", "a%0d%0aSet-Cookie:x",
 ])
 def test_unsafe_callback_gets_400(default_worker, callback):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&callback=" + quote(callback, safe="")))
+    resp, _ = exchange(default_worker.port,
+                       _get(b64_json(event()), "&callback=" + quote(callback, safe="")))
     assert_clean(resp, 400)
     assert resp.body == b'{"status": 0, "error": "callback must be a JavaScript identifier or dotted path"}'
     assert resp.header("content-type") == "application/json"
 
 
 def test_safe_callback_wraps_the_answer(default_worker):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&callback=mp.cb_1$"))
+    resp, _ = exchange(default_worker.port, _get(b64_json(event()), "&callback=mp.cb_1$"))
     assert_clean(resp, 200)
     assert resp.body == b"mp.cb_1$(1)"
     assert resp.header("content-type") == "text/javascript"
@@ -636,19 +635,21 @@ def test_safe_callback_wraps_the_answer(default_worker):
     "http://ok.example/\u00e9",
 ])
 def test_unsafe_redirect_gets_400(default_worker, target):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&redirect=" + quote(target, safe="")))
+    resp, _ = exchange(default_worker.port,
+                       _get(b64_json(event()), "&redirect=" + quote(target, safe="")))
     assert_clean(resp, 400)
     assert resp.header("location") is None
 
 
 def test_http_redirect_is_followed_with_302(default_worker):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&redirect=https%3A%2F%2Fok.example%2Fthanks"))
+    resp, _ = exchange(default_worker.port,
+                       _get(b64_json(event()), "&redirect=https%3A%2F%2Fok.example%2Fthanks"))
     assert_clean(resp, 302)
     assert resp.header("location") == "https://ok.example/thanks"
 
 
-@pytest.mark.parametrize("auth", [None, "Basic !!!", "Basic " + base64.b64encode(b"wrong:").decode(),
-                                  "Bearer abc", "Basic " + base64.b64encode(b"\xff\xfe:").decode()])
+@pytest.mark.parametrize("auth", [None, "Basic !!!", basic_auth("wrong"), "Bearer abc",
+                                  "Basic " + b64(b"\xff\xfe:")])
 def test_import_without_valid_credentials_gets_401(default_worker, auth):
     record = event(time=int(time.time()) - 100, distinct_id="d", **{"$insert_id": "i1"})
     headers = (("Authorization", auth),) if auth else ()
@@ -665,7 +666,7 @@ def test_import_without_valid_credentials_gets_401(default_worker, auth):
 def test_keepalive_idle_connection_is_closed(queue, make_worker):
     w = make_worker(queue.address, extra=["--keepalive-idle-s", "1"])
     with connect(w.port) as sock:
-        raw = request("GET", "/track?data=" + b64(event()), close=False)
+        raw = request("GET", "/track?data=" + b64_json(event()), close=False)
         sock.sendall(raw)
         resp, _ = read_response(sock)
         assert_clean(resp, 200)
@@ -711,7 +712,7 @@ def test_connection_cap_queues_extra_connections(queue, make_worker):
     fourth connection is accepted by the kernel but not served (its request waits) until
     one of the three closes; the three keep being served meanwhile."""
     w = make_worker(queue.address, extra=["--max-connections", "3", "--keepalive-idle-s", "30"])
-    raw = request("GET", "/track?data=" + b64(event()), close=False)
+    raw = request("GET", "/track?data=" + b64_json(event()), close=False)
     held = [connect(w.port) for _ in range(3)]
     try:
         for sock in held:
@@ -747,13 +748,13 @@ def test_in_flight_cap_answers_503_with_retry_after(queue, make_worker, tmp_path
     slow = connect(w.port, timeout=15)
     try:
         os.kill(q.proc.pid, signal.SIGSTOP)
-        slow.sendall(request("GET", "/track?data=" + b64(event(n="slow"))))
+        slow.sendall(request("GET", "/track?data=" + b64_json(event(n="slow"))))
 
         def in_flight():
             resp, _ = exchange(w.port, request("GET", "/metrics"))
             return b"ingest_requests_in_flight 1.0" in resp.body
         wait_until(in_flight, timeout=5, message="the slow request to be in flight")
-        resp, _ = exchange(w.port, request("GET", "/track?data=" + b64(event(n="busy"))))
+        resp, _ = exchange(w.port, request("GET", "/track?data=" + b64_json(event(n="busy"))))
         assert_clean(resp, 503)
         assert resp.header("retry-after") == "1"
         assert json.loads(resp.body) == {"status": 0, "error": "server busy; retry"}

@@ -4,16 +4,17 @@ import signal
 import urllib.parse
 import urllib.request
 
+from testkit.payloads import write_routes
 from testkit.procs import wait_until
 from testkit.queues import assert_empty, read_all
 
 
 def routes(path, acme_queue):
-    path.write_text(json.dumps({
+    write_routes(path, {
         "tokens": {"acme": {"track": acme_queue, "engage": "people_acme"}},
         "blocked_tokens": ["spam"],
         "overflow": {"events_per_second": 5, "burst": 5, "suffix": "_overflow"},
-    }))
+    })
 
 
 def post(worker, endpoint, records):

@@ -6,7 +6,6 @@ The trickle runs in this (not monkey-patched) process from one thread with a pac
 the ordinary requests run in a second thread and record their latency.  Only 127.0.0.1
 is contacted; every socket is closed and the worker is stopped by pid afterwards.
 """
-import base64
 import os
 import resource
 import threading
@@ -14,6 +13,7 @@ import time
 
 import pytest
 
+from testkit.payloads import b64
 from testkit.procs import wait_until
 from testkit.rawhttp import assert_clean, connect, read_response, roundtrip
 
@@ -24,12 +24,8 @@ PROBE_EVERY_S = 0.1             # one ordinary request this often during the tri
 PROBE_LIMIT_S = 1.0
 
 
-def _data(text):
-    return base64.b64encode(text.encode()).decode()
-
-
 def _request(i, close):
-    data = _data('{"event":"slow %d","properties":{"token":"slow-token","n":%d}}' % (i, i))
+    data = b64('{"event":"slow %d","properties":{"token":"slow-token","n":%d}}' % (i, i))
     return ("GET /track?data=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowpoke/%d\r\n"
             "Connection: %s\r\n\r\n" % (data, i, "close" if close else "keep-alive")).encode()
 

@@ -4,6 +4,7 @@ import subprocess
 import time
 
 from ingest.kestrel import Client
+from testkit.payloads import compact_json
 from testkit.procs import ROOT, free_port, ingest_argv
 from testkit.queues import queue_stats
 
@@ -14,8 +15,8 @@ def ingest(*args, timeout=30):
 
 
 def records(n, prefix="r"):
-    return [json.dumps({"event": "%s%d" % (prefix, i), "properties": {"n": i}},
-                       separators=(",", ":")).encode() for i in range(n)]
+    return [compact_json({"event": "%s%d" % (prefix, i), "properties": {"n": i}}).encode()
+            for i in range(n)]
 
 
 def test_consume_max_prints_exactly_n_and_leaves_the_rest(queue_server):
