@@ -4,6 +4,7 @@
     queues    read back what landed on a Kestrel queue
     load      a threaded /track load driver that records every acknowledgement
     rawhttp   one HTTP request written byte for byte on a socket, the answer parsed strictly
+    rawqueue  a raw memcache-protocol connection to a queue server, every reply byte visible
     payloads  what requests carry: compact JSON, base64 in its variants, Basic auth, routes files
 
 It lives beside ingest/, tests/ and bench/ so that `python -m pytest` and
