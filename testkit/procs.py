@@ -182,8 +182,8 @@ class Server:
         self.proc = Proc(name, pinned(cpu, argv),
                          logdir or os.path.join(str(tmp_path), "logs"), env=env)
 
-    def start(self):
-        self.proc.start().wait_port(self.host, self.port)
+    def start(self, timeout=15.0):
+        self.proc.start().wait_port(self.host, self.port, timeout)
         return self
 
 
