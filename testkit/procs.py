@@ -79,6 +79,11 @@ def rss_kib(pid):
     raise AssertionError("no VmRSS for pid %d" % pid)
 
 
+def open_fds(pid):
+    """How many file descriptors `pid` has open (sockets included)."""
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
 def cpu_seconds(pid):
     """User + system CPU seconds `pid` has used so far (OSError once it is gone)."""
     with open("/proc/%d/stat" % pid) as fh:

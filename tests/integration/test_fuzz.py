@@ -21,7 +21,6 @@ import base64
 import collections
 import gzip
 import json
-import os
 import random
 import select
 import socket
@@ -31,7 +30,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 import pytest
 
 from testkit.payloads import b64, b64_json, basic_auth, compact_json
-from testkit.procs import QueueServer, Worker, rss_kib, wait_until
+from testkit.procs import QueueServer, Worker, open_fds, rss_kib, wait_until
 from testkit.rawhttp import Malformed, connect, read_response, roundtrip, send
 
 SEED = 20261126
@@ -524,7 +523,7 @@ def fuzz_run(tmp_path_factory):
     try:
         pid = worker.proc.pid
         _one_valid_request(worker.port)      # opens the Kestrel connection before counting
-        fds_before = _fd_count(pid)
+        fds_before = open_fds(pid)
         keep = KeepAlive(worker.port)
         outcomes, rss = [], [(0, rss_kib(pid))]
         started = time.monotonic()
@@ -543,10 +542,6 @@ def fuzz_run(tmp_path_factory):
     finally:
         worker.proc.stop()
         queue.proc.stop()
-
-
-def _fd_count(pid):
-    return len(os.listdir("/proc/%d/fd" % pid))
 
 
 def _one_valid_request(port):
@@ -622,7 +617,7 @@ def test_fuzz_worker_alive_and_memory_bounded(fuzz_run):
     w = fuzz_run["worker"]
     resp = _one_valid_request(w.port)
     assert (resp.status, resp.body) == (200, b"1")
-    wait_until(lambda: _fd_count(w.proc.pid) <= fuzz_run["fds_before"] + 1, timeout=10,
+    wait_until(lambda: open_fds(w.proc.pid) <= fuzz_run["fds_before"] + 1, timeout=10,
                message="the worker's descriptors to return to %d" % fuzz_run["fds_before"])
 
 

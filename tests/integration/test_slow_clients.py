@@ -6,7 +6,6 @@ The trickle runs in this (not monkey-patched) process from one thread with a pac
 the ordinary requests run in a second thread and record their latency.  Only 127.0.0.1
 is contacted; every socket is closed and the worker is stopped by pid afterwards.
 """
-import os
 import resource
 import threading
 import time
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from testkit.payloads import b64
-from testkit.procs import wait_until
+from testkit.procs import open_fds, wait_until
 from testkit.rawhttp import assert_clean, connect, read_response, roundtrip
 
 SLOW = 420                      # trickling connections
@@ -113,9 +112,8 @@ def test_slow_clients_do_not_starve_ordinary_requests(worker, enough_fds):
 def test_abandoned_half_requests_are_released(worker, enough_fds):
     """420 connections each send half a request and vanish; the worker stays up, answers
     at once, and its descriptors come back to where they were."""
-    fd_dir = "/proc/%d/fd" % worker.proc.pid
     roundtrip(worker.port, _request(0, close=True))   # warm up: Kestrel connection, pools
-    before = len(os.listdir(fd_dir))
+    before = open_fds(worker.proc.pid)
     socks = [connect(worker.port, timeout=10) for _ in range(SLOW)]
     try:
         for i, sock in enumerate(socks):
@@ -123,7 +121,7 @@ def test_abandoned_half_requests_are_released(worker, enough_fds):
             sock.sendall(raw[:len(raw) // 2])
         # Slack of 2: the warm-up connection's descriptor may still have been open when
         # `before` was read, and closes meanwhile.
-        wait_until(lambda: len(os.listdir(fd_dir)) >= before + SLOW - 2, timeout=10,
+        wait_until(lambda: open_fds(worker.proc.pid) >= before + SLOW - 2, timeout=10,
                    message="the worker to accept every connection")
         started = time.monotonic()
         resp = roundtrip(worker.port, _request(-2, close=True))
@@ -132,6 +130,6 @@ def test_abandoned_half_requests_are_released(worker, enough_fds):
     finally:
         for sock in socks:
             sock.close()
-    wait_until(lambda: len(os.listdir(fd_dir)) <= before + 2, timeout=10,
+    wait_until(lambda: open_fds(worker.proc.pid) <= before + 2, timeout=10,
                message="the worker to close the abandoned connections")
     assert worker.proc.alive(), worker.proc.output()
