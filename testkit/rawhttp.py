@@ -143,7 +143,8 @@ def _parse_headers(lines, buf):
             raise Malformed("bad header line %r in %r" % (line, buf[:300]), buf)
         headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
     if "transfer-encoding" in headers:
-        raise Malformed("chunked answer; the worker always sends Content-Length: %r" % buf[:300], buf)
+        raise Malformed("chunked answer; the worker always sends Content-Length: %r"
+                        % buf[:300], buf)
     if "content-length" not in headers or not headers["content-length"].isdigit():
         raise Malformed("answer without a valid Content-Length: %r" % buf[:300], buf)
     return headers
