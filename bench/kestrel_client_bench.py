@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,38 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ingest.kestrel import Client  # noqa: E402
-from tests.support.procs import free_port, port_open  # noqa: E402
+from testkit.procs import QueueServer  # noqa: E402
 
 SYNC_MS = (100, 0)
 BATCHES = (50, 500)
 FLOOR_ITEMS_PER_S = 30000  # the floor for 1 KiB items with --sync-ms 100
-
-
-def start_server(data, sync_ms, logdir):
-    port = free_port()
-    argv = ["taskset", "-c", "1", sys.executable, "-W", "ignore", "-m", "ingest", "queue",
-            "--host", "127.0.0.1", "--port", str(port), "--data", data,
-            "--sync-ms", str(sync_ms)]
-    log = open(os.path.join(logdir, "queue-sync%d.log" % sync_ms), "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 15
-    while not port_open("127.0.0.1", port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise SystemExit("ingest queue did not start; log in %s" % logdir)
-        time.sleep(0.02)  # poll interval while the server starts
-    return proc, "127.0.0.1:%d" % port
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def run_case(client, method, queue, batch, item_bytes, seconds):
@@ -99,11 +71,11 @@ def main(argv=None):
     results = []
     try:
         for sync_ms in SYNC_MS:
-            data = os.path.join(tmp, "data-%d" % sync_ms)
-            os.makedirs(data)
-            proc, address = start_server(data, sync_ms, tmp)
+            # Data and logs under tmp; polled until it listens, stopped by pid below.
+            server = QueueServer(tmp, sync_ms=sync_ms, name="queue-sync%d" % sync_ms, cpu=1,
+                                 quiet=True, logdir=tmp).start()
             try:
-                client = Client([address])
+                client = Client([server.address])
                 for batch in BATCHES:
                     for method in ("put_many", "add_many"):
                         queue = "bench_%s_%d_%d" % (method, batch, sync_ms)
@@ -118,7 +90,7 @@ def main(argv=None):
                               flush=True)
                 client.close()
             finally:
-                stop(proc)
+                server.proc.stop(timeout=15)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best = max(r["items_per_s"] for r in results if r["sync_ms"] == 100)

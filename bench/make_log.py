@@ -14,7 +14,7 @@ than five days old: regenerate the log rather than replaying a stale one.  This 
 only writes a file; it never talks to a server.
 """
 import argparse
-import base64
+import functools
 import json
 import math
 import random
@@ -22,6 +22,12 @@ import sys
 import time
 import urllib.parse
 import uuid
+
+from testkit.payloads import b64, b64_json, compact_json
+
+# The SDKs write non-ASCII characters as UTF-8, not as \u escapes.
+_json = functools.partial(compact_json, ensure_ascii=False)
+_b64 = functools.partial(b64_json, ensure_ascii=False)
 
 # (name, weight): the share of each request shape in the log.
 SHAPES = (
@@ -225,21 +231,13 @@ class Generator:
             return "GET", "/track?ip=0&verbose=0&data=%21%21not-base64%21%21", "", "", ""
         if kind == 1:  # valid base64 of truncated JSON
             text = _json(self.node_event(t))
-            data = base64.b64encode(text[: len(text) // 2].encode()).decode()
+            data = b64(text[: len(text) // 2])
             return "GET", "/track?" + urllib.parse.urlencode({"data": data}), "", "", ""
         if kind == 2:  # a POST without a data field
             return "POST", "/track/?verbose=1&ip=1", FORM, "verbose=1&ip=1", UA_BROWSER
         # an event without a token
         event = {"event": "Orphan", "properties": {"distinct_id": "x"}}
         return "POST", "/track?verbose=1", FORM, "data=" + urllib.parse.quote(_json(event)), ""
-
-
-def _json(value):
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _b64(value):
-    return base64.b64encode(_json(value).encode("utf-8")).decode("ascii")
 
 
 def log_line(t, method, uri, content_type, body, user_agent, status, rnd):

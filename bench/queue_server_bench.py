@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,33 +27,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support.procs import free_port, port_open  # noqa: E402
+from testkit.procs import QueueServer, cpu_seconds, rss_kib  # noqa: E402
 
 PHASE_CAP_S = 40.0
 
 
-def start_server(data, sync_ms, core):
-    port = free_port()
-    argv = ["taskset", "-c", str(core), sys.executable, "-W", "ignore", "-m", "ingest",
-            "queue", "--host", "127.0.0.1", "--port", str(port), "--data", data,
-            "--sync-ms", str(sync_ms)]
-    log = open(os.path.join(data, "..", "server-%d.log" % sync_ms), "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
-    deadline = time.monotonic() + 15
-    while not port_open("127.0.0.1", port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("queue server did not start (see %s)" % log.name)
-        time.sleep(0.02)  # poll interval
-    return proc, port
-
-
-def stop_server(proc):
-    proc.terminate()
-    try:
-        return proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout=10)
+def start_server(tmp, name, sync_ms, core):
+    """`ingest queue` pinned to `core`, data and logs under `tmp`, polled until it listens."""
+    return QueueServer(tmp, sync_ms=sync_ms, name=name, cpu=core, quiet=True,
+                       logdir=tmp).start()
 
 
 def read_replies(sock, count, expect=b"STORED\r\n"):
@@ -108,32 +89,15 @@ def parallel_sets(port, conns, item_bytes, items, batch):
     return sum(r[0] for r in results), time.monotonic() - start
 
 
-def cpu_seconds(pid):
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    with open("/proc/%d/stat" % pid) as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def vm_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
-
-
 def throughput(tmp, sync_ms, items, batch, conns=1):
-    data = os.path.join(tmp, "sync%d-c%d" % (sync_ms, conns))
-    os.makedirs(data)
-    proc, port = start_server(data, sync_ms, core=1)
+    server = start_server(tmp, "sync%d-c%d" % (sync_ms, conns), sync_ms, core=1)
     try:
-        pipelined_sets(port, "warmup", 1024, 5000, batch)
-        cpu0 = cpu_seconds(proc.pid)
-        sent, secs = parallel_sets(port, conns, 1024, items, batch)
-        cpu = cpu_seconds(proc.pid) - cpu0
+        pipelined_sets(server.port, "warmup", 1024, 5000, batch)
+        cpu0 = cpu_seconds(server.proc.pid)
+        sent, secs = parallel_sets(server.port, conns, 1024, items, batch)
+        cpu = cpu_seconds(server.proc.pid) - cpu0
     finally:
-        code = stop_server(proc)
+        code = server.proc.stop(timeout=15)
     rate = sent / secs
     # The server's own CPU per item tells what one free core sustains even when other
     # processes share the machine and wall-clock rates get noisy.
@@ -145,15 +109,13 @@ def throughput(tmp, sync_ms, items, batch, conns=1):
 
 
 def memory(tmp, count, batch):
-    data = os.path.join(tmp, "rss")
-    os.makedirs(data)
-    proc, port = start_server(data, 100, core=1)
+    server = start_server(tmp, "rss", 100, core=1)
     try:
-        idle = vm_rss_kib(proc.pid)
-        sent, secs = pipelined_sets(port, "small", 64, count, batch)
-        full = vm_rss_kib(proc.pid)
+        idle = rss_kib(server.proc.pid)
+        sent, secs = pipelined_sets(server.port, "small", 64, count, batch)
+        full = rss_kib(server.proc.pid)
     finally:
-        code = stop_server(proc)
+        code = server.proc.stop(timeout=15)
     print("RSS idle %.1f MiB; with %d x 64 B items queued %.1f MiB (%.0f B/item);"
           " loaded in %.1f s (%.0f items/s)  (exit %s)"
           % (idle / 1024, sent, full / 1024, (full - idle) * 1024 / max(sent, 1), secs,

@@ -26,16 +26,16 @@ import random
 import re
 import resource
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.parse
 from array import array
 from multiprocessing import connection as mp_connection
 from multiprocessing import get_context
+
+from testkit.procs import LOOPBACK, Proc, cpu_seconds, free_port, pinned
 
 DEFAULT_CONCURRENCY = 25
 READY_TIMEOUT_S = 30.0
@@ -480,11 +480,9 @@ def _drive(pipes, procs, cfg, label, quiet):
 def proc_cpu_s(pid):
     """User + system CPU seconds used so far by `pid`, or None if unreadable."""
     try:
-        with open("/proc/%d/stat" % pid) as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
+        return cpu_seconds(pid)
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cores_busy():
@@ -538,36 +536,14 @@ def measured_run(requests, url, args, label, server_pid=None):
 
 # ==== the baseline hello server ==========================================================
 
-def start_hello(cpu=None):
-    """Start bench.hello on a free loopback port; returns (Popen, url)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "bench.hello", "--port", str(port)]
-    if cpu is not None and shutil.which("taskset"):
-        argv = ["taskset", "-c", str(cpu)] + argv
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen(argv, cwd=root, start_new_session=True)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, "http://127.0.0.1:%d" % port
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_process(proc)
-                raise RuntimeError("bench.hello did not start listening on %d" % port)
-            time.sleep(0.02)  # poll interval
-
-
-def stop_process(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def start_hello(cpu, logdir, timeout_s=15.0):
+    """Start bench.hello on a free loopback port (pinned to `cpu` unless None), its output
+    in `logdir`; polls until it listens.  Returns (testkit Proc, url); stop it by pid with
+    proc.stop()."""
+    port = free_port()
+    argv = pinned(cpu, [sys.executable, "-m", "bench.hello", "--port", str(port)])
+    proc = Proc("hello", argv, logdir).start().wait_port(LOOPBACK, port, timeout_s)
+    return proc, "http://%s:%d" % (LOOPBACK, port)
 
 
 # ==== command line =======================================================================
@@ -632,14 +608,14 @@ def main(argv=None):
     try:
         base_url, base_pid = args.baseline_url, args.baseline_pid
         if args.baseline:
-            hello, base_url = start_hello(args.baseline_cpu)
+            hello, base_url = start_hello(args.baseline_cpu, out)
             base_pid = hello.pid
         if base_url:
             runs["baseline"] = measured_run(build_requests(entries, base_url), base_url, args,
                                             "baseline", base_pid)
     finally:
         if hello is not None:
-            stop_process(hello)
+            hello.stop()
     runs["target"] = measured_run(build_requests(entries, args.url), args.url, args,
                                   args.label, args.server_pid)
     meta = {"log": os.path.abspath(args.log), "log_entries": len(entries), "log_skipped": skipped,

@@ -32,6 +32,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ingest import routing  # noqa: E402
+from testkit.payloads import write_routes  # noqa: E402
 
 ENDPOINT_WEIGHTS = (("track", 80), ("engage", 15), ("groups", 3), ("import", 2))
 UNKNOWN_SHARE = 0.10
@@ -136,9 +137,7 @@ def bench_route(sizes, count, rng):
 
 
 def write_routes_file(path, n, rng):
-    data = routes_dict(make_tokens(n, rng), overflow=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, separators=(",", ":"))
+    write_routes(path, routes_dict(make_tokens(n, rng), overflow=True), compact=True)
     return os.path.getsize(path)
 
 

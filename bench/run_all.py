@@ -20,55 +20,19 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.replay import start_hello
+from testkit.procs import ROOT, QueueServer, Worker, pinned
 
 
-def pinned(cpu, argv):
-    if cpu is None or not shutil.which("taskset"):
-        return list(argv)
-    return ["taskset", "-c", str(cpu)] + list(argv)
-
-
-def start(name, argv, port, logdir):
-    """Start a server, wait (polling) until it accepts connections; returns the Popen."""
-    log = open(os.path.join(logdir, name + ".log"), "wb")
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            print("run_all: %s listening on %d (pid %d)" % (name, port, proc.pid), file=sys.stderr)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop(proc)
-                raise SystemExit("run_all: %s did not start; see %s/%s.log" % (name, logdir, name))
-            time.sleep(0.02)  # poll interval
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 15.0
 
 
 def parse_args(argv=None):
@@ -105,7 +69,7 @@ def main(argv=None):
     queue_data = tempfile.mkdtemp(prefix="bench-queue-")
     procs = []
     try:
-        ports = _start_servers(args, py, out, queue_data, procs)
+        ports = _start_servers(args, out, queue_data, procs)
         reports = []
         for i in range(args.rounds):
             round_out = out if args.rounds == 1 else os.path.join(out, "round-%d" % (i + 1))
@@ -114,7 +78,7 @@ def main(argv=None):
             _queue_stats(py, ports["queue"], out)
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            proc.stop(STOP_TIMEOUT_S)
         shutil.rmtree(queue_data, ignore_errors=True)
     _print_summary(args, out, reports)
     return 0
@@ -148,27 +112,36 @@ def _print_summary(args, out, reports):
     print("reports under: %s" % out)
 
 
-def _start_servers(args, py, out, queue_data, procs):
-    ports = {"hello": free_port()}
-    procs.append(start("hello", pinned(args.server_cpu, [
-        py, "-m", "bench.hello", "--port", str(ports["hello"])]), ports["hello"], out))
-    ports["hello_pid"] = procs[-1].pid
+def _start_servers(args, out, queue_data, procs):
+    """hello, then the queue and the worker, each polled until it listens; every started
+    Proc is appended to `procs` for main() to stop.  Returns their ports and pids."""
+    hello, url = start_hello(args.server_cpu, out, START_TIMEOUT_S)
+    procs.append(hello)
+    ports = {"hello_url": url, "hello_pid": hello.pid}
+    _listening("hello", urllib.parse.urlsplit(url).port, hello.pid)
     if not args.hello_only:
-        ports["queue"], ports["worker"] = free_port(), free_port()
-        procs.append(start("queue", pinned(args.loadgen_cpu, [
-            py, "-m", "ingest", "queue", "--host", "127.0.0.1", "--port", str(ports["queue"]),
-            "--data", queue_data, "--sync-ms", str(args.sync_ms)]), ports["queue"], out))
-        ports["queue_pid"] = procs[-1].pid
-        procs.append(start("worker", pinned(args.server_cpu, [
-            py, "-m", "ingest", "serve", "--host", "127.0.0.1", "--port", str(ports["worker"]),
-            "--kestrel", "127.0.0.1:%d" % ports["queue"]]), ports["worker"], out))
-        ports["worker_pid"] = procs[-1].pid
+        queue = QueueServer(queue_data, sync_ms=args.sync_ms, name="queue",
+                            cpu=args.loadgen_cpu, logdir=out)
+        procs.append(queue.proc)
+        queue.start(START_TIMEOUT_S)
+        _listening("queue", queue.port, queue.proc.pid)
+        worker = Worker(queue_data, queue.address, name="worker", cpu=args.server_cpu,
+                        logdir=out)
+        procs.append(worker.proc)
+        worker.start(START_TIMEOUT_S)
+        _listening("worker", worker.port, worker.proc.pid)
+        ports.update(queue=queue.port, queue_pid=queue.proc.pid,
+                     worker=worker.port, worker_pid=worker.proc.pid)
     return ports
+
+
+def _listening(name, port, pid):
+    print("run_all: %s listening on %d (pid %d)" % (name, port, pid), file=sys.stderr)
 
 
 def _replay(args, py, out, log, ports, seed):
     """One bench.replay invocation: the hello-world, then the worker; returns report.json."""
-    hello_url = "http://127.0.0.1:%d" % ports["hello"]
+    hello_url = ports["hello_url"]
     replay = [py, "-m", "bench.replay", "--log", log, "--out", out,
               "--processes", str(args.processes), "--concurrency", str(args.concurrency),
               "--duration", str(args.duration), "--cpus", str(args.loadgen_cpu),

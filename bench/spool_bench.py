@@ -4,7 +4,7 @@ Stand-alone script, not a test.
 
 (a) Spool path cost: one `ingest serve` pinned to core 0 (taskset -c 0) receives /track
     load from this process pinned to core 1 (threads over keep-alive http.client, see
-    tests/support/load.py): single-event GETs and 50-event form POSTs, each for a fixed
+    testkit/load.py): single-event GETs and 50-event form POSTs, each for a fixed
     time.  Four worker set-ups in the same run: Kestrel up (a bundled `ingest queue
     --sync-ms 100`; with two cores it must share one, so it is measured both beside the
     load on core 1 and beside the worker on core 0), Kestrel down with --spool-sync-ms 0
@@ -25,7 +25,6 @@ minutes); every process it starts is stopped by pid; temporary directories (on d
                                           [--records 1000000] [--skip-a] [--skip-b]
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -39,59 +38,26 @@ sys.path.insert(0, ROOT)
 
 from ingest.kestrel import Client  # noqa: E402
 from ingest.sinks.spool import Spool  # noqa: E402
-from tests.support.load import Load  # noqa: E402
-from tests.support.procs import free_port, port_open  # noqa: E402
+from testkit.load import Load  # noqa: E402
+from testkit.payloads import compact_json  # noqa: E402
+from testkit.procs import (QueueServer, Worker, cpu_seconds, free_port,  # noqa: E402
+                           ingest_argv, pinned)
 
 WORKER_CORE, LOAD_CORE = 0, 1
 FORWARD_CAP_S = 120.0
-
-
-class Child:
-    """One pinned child process with its output in a log file; stopped by pid."""
-
-    def __init__(self, argv, core, log_path):
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(["taskset", "-c", str(core)] + argv, stdout=self.log,
-                                     stderr=self.log, cwd=ROOT)
-
-    def wait_port(self, port, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        while not port_open("127.0.0.1", port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("child did not listen on %d (see %s)" % (port, self.log.name))
-            time.sleep(0.02)  # poll interval
-        return self
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log.close()
-        return self.proc.returncode
-
-
-def ingest(*args):
-    return [sys.executable, "-W", "ignore", "-m", "ingest"] + [str(a) for a in args]
+STOP_TIMEOUT_S = 15.0
 
 
 def start_queue(work, name, sync_ms=100, core=LOAD_CORE):
-    port = free_port()
-    data = os.path.join(work, name)
-    os.makedirs(data)
-    child = Child(ingest("queue", "--host", "127.0.0.1", "--port", port, "--data", data,
-                         "--sync-ms", sync_ms), core, data + ".log")
-    return child.wait_port(port), "127.0.0.1:%d" % port
+    """`ingest queue` pinned to `core`, data and log under `work`, polled until it listens."""
+    return QueueServer(work, sync_ms=sync_ms, name=name, cpu=core, quiet=True,
+                       logdir=work).start()
 
 
 def start_worker(work, name, kestrel, extra=()):
-    port = free_port()
-    child = Child(ingest("serve", "--host", "127.0.0.1", "--port", port, "--kestrel", kestrel,
-                         *extra), WORKER_CORE, os.path.join(work, name + ".log"))
-    return child.wait_port(port), port
+    """`ingest serve` pinned to WORKER_CORE, log under `work`, polled until it listens."""
+    return Worker(work, kestrel, extra=extra, name=name, cpu=WORKER_CORE, quiet=True,
+                  logdir=work).start()
 
 
 def measure(port, seconds, threads, batch, prefix):
@@ -108,11 +74,11 @@ def spool_path_cost(work, seconds, threads, rounds):
           % (WORKER_CORE, threads, LOAD_CORE, rounds, seconds, load_average()))
     # Two cores only: the queue server shares a core with either the load or the worker;
     # both are measured, since either placement flatters one side.
-    queue, address = start_queue(work, "queue-a")
-    queue0, address0 = start_queue(work, "queue-a0", core=WORKER_CORE)
+    queue = start_queue(work, "queue-a")
+    queue0 = start_queue(work, "queue-a0", core=WORKER_CORE)
     dead = "127.0.0.1:%d" % free_port()          # nothing listens here
-    setups = [("kestrel up (queue on core %d)" % LOAD_CORE, address, []),
-              ("kestrel up (queue on core %d)" % WORKER_CORE, address0, []),
+    setups = [("kestrel up (queue on core %d)" % LOAD_CORE, queue.address, []),
+              ("kestrel up (queue on core %d)" % WORKER_CORE, queue0.address, []),
               ("kestrel down, spool sync 0", dead, ["--spool-sync-ms", "0"]),
               ("kestrel down, spool sync 100", dead, ["--spool-sync-ms", "100"])]
     kinds = (("GET 1 event", 1), ("POST 50 events", 50))
@@ -127,18 +93,16 @@ def spool_path_cost(work, seconds, threads, rounds):
         for r in range(rounds):
             for i, (name, _, _) in enumerate(setups):
                 for kind, batch in kinds:
-                    cpu_before = cpu_seconds(workers[i][0].proc.pid)
-                    eps, result = measure(workers[i][1], seconds, threads, batch,
+                    cpu_before = cpu_seconds(workers[i].proc.pid)
+                    eps, result = measure(workers[i].port, seconds, threads, batch,
                                           "b%d-%d-%d" % (r, i, batch))
-                    cpu = cpu_seconds(workers[i][0].proc.pid) - cpu_before
+                    cpu = cpu_seconds(workers[i].proc.pid) - cpu_before
                     samples.setdefault((name, kind), []).append(eps)
                     cpu_us.setdefault((name, kind), []).append(
                         cpu * 1e6 / max(1, result.acked_count))
     finally:
-        for worker, _ in workers:
-            worker.stop()
-        queue.stop()
-        queue0.stop()
+        for server in workers + [queue, queue0]:
+            server.proc.stop(STOP_TIMEOUT_S)
     print("   %-32s %-15s %10s %8s %14s   %s" % ("set-up", "requests", "events/s", "ratio",
                                                   "worker CPU/ev", "samples (events/s)"))
     for (name, kind), values in samples.items():
@@ -151,13 +115,6 @@ def spool_path_cost(work, seconds, threads, rounds):
     return samples
 
 
-def cpu_seconds(pid):
-    """User + system CPU time of a process so far (from /proc, in seconds)."""
-    with open("/proc/%d/stat" % pid) as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def load_average():
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -168,7 +125,7 @@ def event_payload(i):
         "token": "bench-token", "$insert_id": "fwd-%09d" % i, "distinct_id": "user-%d" % (i % 5000),
         "time": 1795660000.123 + i / 1000.0, "mp_processing_time_ms": 1795660000123 + i,
         "$current_url": "https://example.com/pricing", "plan": "pro"}}
-    return json.dumps(record, separators=(",", ":")).encode("utf-8")
+    return compact_json(record).encode("utf-8")
 
 
 def build_spool(directory, records, batch=1000):
@@ -199,16 +156,17 @@ def forward_time(work, records):
     built_s, size = build_spool(spool_dir, records)
     segs = len([n for n in os.listdir(spool_dir) if n.endswith(".seg")])
     print("   built: %d bytes in %d segments in %.1f s" % (size, segs, built_s))
-    queue, address = start_queue(work, "queue-b")
+    queue = start_queue(work, "queue-b")
     try:
         started = time.monotonic()
-        run = subprocess.run(["taskset", "-c", str(WORKER_CORE)]
-                             + ingest("spool", "forward", spool_dir, "--kestrel", address),
-                             capture_output=True, timeout=FORWARD_CAP_S, cwd=ROOT)
+        forward = ingest_argv("spool", "forward", spool_dir, "--kestrel", queue.address,
+                              quiet=True)
+        run = subprocess.run(pinned(WORKER_CORE, forward), capture_output=True,
+                             timeout=FORWARD_CAP_S, cwd=ROOT)
         took = time.monotonic() - started
-        depth = queue_depth(address)
+        depth = queue_depth(queue.address)
     finally:
-        queue.stop()
+        queue.proc.stop(STOP_TIMEOUT_S)
     left = [n for n in os.listdir(spool_dir) if n.endswith(".seg")]
     print("   forward exit %d in %.1f s: %.0f records/s, %.1f MB/s; queue depth %d; segments"
           " left %d" % (run.returncode, took, records / took, size / took / 1e6, depth, len(left)))

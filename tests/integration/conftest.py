@@ -1,7 +1,7 @@
 """Fixtures that start real processes on loopback and stop them by pid afterwards."""
 import pytest
 
-from tests.support.procs import QueueServer, Worker
+from testkit.procs import QueueServer, Worker
 
 
 @pytest.fixture

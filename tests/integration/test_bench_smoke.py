@@ -1,7 +1,7 @@
 """Smoke test of bench/: make a small log, replay it against a real queue + worker and
 the bare hello-world baseline, and check that the report adds up.
 
-Every process is started through tests/support/procs.py and stopped by pid; the replay
+Every process is started through testkit/procs.py and stopped by pid; the replay
 itself is bounded by --duration and a wait deadline.
 """
 import json
@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from bench import make_log, replay
-from tests.support.procs import Proc, free_port
+from testkit.procs import Proc, free_port
 
 DURATION_S = 3
 PLOTS = ("throughput.png", "latency.png", "latency_hist.png")

@@ -15,7 +15,6 @@ What it must not do: sleep to wait (everything polls with a deadline), touch por
 directories it did not pick, or signal any process that is not part of the tree it
 started.
 """
-import base64
 import grp
 import itertools
 import json
@@ -36,8 +35,10 @@ import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
 from ingest.kestrel import Client
-from tests.support.procs import ROOT, Proc, free_port, port_open, wait_until
-from tests.support.queues import read_until_empty
+from testkit.payloads import b64_json, write_routes
+from testkit.procs import ROOT, Proc, free_port, port_open, wait_until
+from testkit.queues import read_until_empty
+from testkit.rawhttp import roundtrip
 
 LAUNCH = os.path.join(ROOT, "deploy", "launch.py")
 SUPERVISORD = os.path.join(os.path.dirname(sys.executable), "supervisord")
@@ -217,16 +218,10 @@ def tree(tmp_path):
     t.cleanup()
 
 
-def write_routes(path, table):
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(table, fh)
-    os.replace(path + ".tmp", path)  # a worker reloading now never reads half a file
-
-
 def track_body(token, insert_id, **props):
     record = {"event": "deploy test", "properties": dict(
         props, token=token, distinct_id="d", **{"$insert_id": insert_id})}
-    return {"data": base64.b64encode(json.dumps(record).encode()).decode()}
+    return {"data": b64_json(record, compact=False)}
 
 
 def post_form(url, fields, headers=None):
@@ -291,13 +286,13 @@ def probe_xff_and_long_url(tree):
     """Two requests the defaults of nginx would break; returns their insert_ids."""
     record = {"event": "probe", "properties": {"token": TOKEN, "distinct_id": "p",
                                                "$insert_id": "deploy-probe-xff"}}
-    data = base64.b64encode(json.dumps(record).encode()).decode()
+    data = b64_json(record, compact=False)
     status, body = post_form(tree.base_url + "/track?ip=1", {"data": data},
                              headers={"X-Forwarded-For": "203.0.113.7"})
     assert (status, body.strip()) == (200, b"1")
     # A 30 kB URL: nginx's default 8 kB header buffer would answer 414.
     record["properties"].update({"$insert_id": "deploy-probe-long", "pad": "x" * 20000})
-    query = urllib.parse.urlencode({"data": base64.b64encode(json.dumps(record).encode())})
+    query = urllib.parse.urlencode({"data": b64_json(record, compact=False)})
     with urllib.request.urlopen(tree.base_url + "/track?" + query, timeout=10) as resp:
         assert (resp.status, resp.read().strip()) == (200, b"1")
     return {"deploy-probe-xff", "deploy-probe-long"}
@@ -451,28 +446,6 @@ def test_rendered_nginx_conf_follows_the_worker_limits(tmp_path):
                      if os.geteuid() == 0 else [])
 
 
-def raw_request(port, head):
-    """Send `head` (request line, headers, maybe a body) -> (status line, headers, body).
-
-    Reads by Content-Length: after a 413 nginx keeps the connection open for a while to
-    discard the body that never comes, so waiting for EOF would stall.
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(head.encode("ascii"))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += s.recv(65536) or _eof(data)
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
-        while len(body) < length:
-            body += s.recv(65536) or _eof(data + body)
-    return head, body
-
-
-def _eof(data):
-    raise AssertionError("connection closed mid-response: %r" % data)
-
-
 def test_nginx_answers_its_own_errors_in_the_api_shape(tmp_path):
     """No worker listening: 503 + Retry-After in JSON (SDKs retry); body over the limit: 413."""
     port, base = free_port(), free_port_run(2)
@@ -483,15 +456,17 @@ def test_nginx_answers_its_own_errors_in_the_api_shape(tmp_path):
     nginx.start().wait_port("127.0.0.1", port)
     workers = child_pids(nginx.pid)
     try:
-        head, body = raw_request(port, "POST /track HTTP/1.1\r\nHost: x\r\n"
-                                       "Content-Type: application/x-www-form-urlencoded\r\n"
-                                       "Content-Length: 6\r\n\r\ndata=x")
+        resp = roundtrip(port, b"POST /track HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Type: application/x-www-form-urlencoded\r\n"
+                               b"Content-Length: 6\r\n\r\ndata=x")
+        head, body = resp.head, resp.body
         assert head.startswith(b"HTTP/1.1 503 "), head
         assert b"\r\nRetry-After: 1\r\n" in head + b"\r\n"
         assert json.loads(body) == {"status": 0, "error": "no worker available"}
 
-        head, body = raw_request(port, "POST /track HTTP/1.1\r\nHost: x\r\n"
-                                       "Content-Length: %d\r\n\r\n" % (10 * 1024 * 1024 + 1))
+        resp = roundtrip(port, b"POST /track HTTP/1.1\r\nHost: x\r\n"
+                               b"Content-Length: %d\r\n\r\n" % (10 * 1024 * 1024 + 1))
+        head, body = resp.head, resp.body
         assert head.startswith(b"HTTP/1.1 413 "), head
         assert json.loads(body) == {"status": 0, "error": "request body too large"}
     finally:

@@ -21,7 +21,6 @@ import base64
 import collections
 import gzip
 import json
-import os
 import random
 import select
 import socket
@@ -30,8 +29,9 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import pytest
 
-from tests.integration.test_hostile import Malformed, connect, read_response, rss_kb
-from tests.support.procs import QueueServer, Worker, wait_until
+from testkit.payloads import b64, b64_json, basic_auth, compact_json
+from testkit.procs import QueueServer, Worker, open_fds, rss_kib, wait_until
+from testkit.rawhttp import Malformed, connect, read_response, roundtrip, send
 
 SEED = 20261126
 REQUESTS = 2400
@@ -93,41 +93,33 @@ def _event(rng, i, now):
         "tags": ["a", "b"], "nested": {"k": [1, {"z": None}]}, "$browser": "Firefox"}}
 
 
-def _dumps(obj):
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def _b64(text):
-    return base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")
-
-
 def seeds(rng, i, now):
     """All SDK shapes for record number i (one is picked per request)."""
     one, batch = _event(rng, i, now), [_event(rng, i * 10 + k, now) for k in range(3)]
     engage = {"$token": TOKEN, "$distinct_id": MARKER, "$set": {"plan": "pro", "n": i}}
     group = {"$token": TOKEN, "$group_key": "company", "$group_id": "g%d" % i,
              "$set": {"name": MARKER}}
-    auth = "Basic " + base64.b64encode((SECRET + ":").encode()).decode()
+    auth = basic_auth(SECRET)
     browser = [("User-Agent", "Mozilla/5.0"), ("Origin", "http://site.example")]
     return [
-        Req("GET", "/track", [("data", _b64(_dumps(one))), ("ip", "1"), ("_", str(i)),
+        Req("GET", "/track", [("data", b64_json(one)), ("ip", "1"), ("_", str(i)),
                               ("mk", MARKER)], browser),
         Req("POST", "/track", [("ip", "1"), ("mk", MARKER)], browser,
-            body_params=[("data", quote(_b64(_dumps(batch)), safe=""))], ctype="text/plain"),
+            body_params=[("data", quote(b64_json(batch), safe=""))], ctype="text/plain"),
         Req("POST", "/track", [], [("User-Agent", "mixpanel-python/5.4.1")],
-            body_params=[("data", quote_plus(_dumps(batch))), ("verbose", "1"), ("ip", "0")],
+            body_params=[("data", quote_plus(compact_json(batch))), ("verbose", "1"), ("ip", "0")],
             ctype="application/x-www-form-urlencoded"),
         Req("POST", "/track", [("ip", "0"), ("verbose", "1")], [("User-Agent", "node")],
-            body_params=[("data", _b64(_dumps(batch)))],
+            body_params=[("data", b64_json(batch))],
             ctype="application/x-www-form-urlencoded"),
-        Req("GET", "/engage", [("data", _b64(_dumps(engage))), ("verbose", "1"), ("mk", MARKER)],
+        Req("GET", "/engage", [("data", b64_json(engage)), ("verbose", "1"), ("mk", MARKER)],
             browser),
         Req("POST", "/groups", [("verbose", "1")], [],
-            body_params=[("data", quote_plus(_dumps([group])))],
+            body_params=[("data", quote_plus(compact_json([group])))],
             ctype="application/x-www-form-urlencoded"),
         Req("POST", "/import", [("strict", "1"), ("project_id", "1")], [("Authorization", auth)],
-            body=_dumps(batch).encode(), ctype="application/json"),
-        Req("POST", "/track", [("verbose", "1")], [], body=_dumps(batch).encode(),
+            body=compact_json(batch).encode(), ctype="application/json"),
+        Req("POST", "/track", [("verbose", "1")], [], body=compact_json(batch).encode(),
             ctype="application/json"),
     ]
 
@@ -178,7 +170,7 @@ def _json_text(req):
         return None, None
 
     def put(new):
-        encoded = _b64(new)
+        encoded = b64(new)
         pairs[idx] = ("data", quote(encoded, safe="") if pairs is req.body_params else encoded)
     return text, put
 
@@ -309,7 +301,7 @@ def m_repeat(rng, req):
         except (ValueError, AssertionError):
             return "none"
         n = rng.choice([500, 2000, 2001, 3000])
-        req.body = _dumps([records[0]] * n).encode()
+        req.body = compact_json([records[0]] * n).encode()
         return "many_records"
     return "none"
 
@@ -446,11 +438,7 @@ def _read_all_responses(sock, head=False):
 
 def _send_close(port, raw, label):
     with connect(port, timeout=5) as sock:
-        try:
-            sock.sendall(raw)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        send(sock, raw, half_close=True)
         try:
             responses, malformed = _read_all_responses(sock, head=_is_head(raw))
         except socket.timeout:
@@ -493,10 +481,7 @@ class KeepAlive:
         self.used += 1
         reused = self.used > 1
         try:
-            try:
-                self.sock.sendall(raw)
-            except OSError:
-                pass    # the worker may answer (414, 413) and close before taking it all
+            send(self.sock, raw)   # the worker may answer (414, 413) before taking it all
             # An answer to HEAD has a Content-Length but no body.
             resp, extra = read_response(self.sock, no_body=_is_head(raw))
         except Malformed as exc:
@@ -538,9 +523,9 @@ def fuzz_run(tmp_path_factory):
     try:
         pid = worker.proc.pid
         _one_valid_request(worker.port)      # opens the Kestrel connection before counting
-        fds_before = _fd_count(pid)
+        fds_before = open_fds(pid)
         keep = KeepAlive(worker.port)
-        outcomes, rss = [], [(0, rss_kb(pid))]
+        outcomes, rss = [], [(0, rss_kib(pid))]
         started = time.monotonic()
         for n, (mode, raw, label) in enumerate(requests, 1):
             if mode == "keep":
@@ -548,7 +533,7 @@ def fuzz_run(tmp_path_factory):
             else:
                 outcomes.append(_send_close(worker.port, raw, label))
             if n % 100 == 0:
-                rss.append((n, rss_kb(pid)))
+                rss.append((n, rss_kib(pid)))
         keep.close()
         elapsed = time.monotonic() - started
         yield {"outcomes": outcomes, "stale": keep.stale, "rss": rss, "elapsed": elapsed,
@@ -559,16 +544,9 @@ def fuzz_run(tmp_path_factory):
         queue.proc.stop()
 
 
-def _fd_count(pid):
-    return len(os.listdir("/proc/%d/fd" % pid))
-
-
 def _one_valid_request(port):
-    with connect(port) as sock:
-        data = base64.b64encode(b'{"event":"probe","properties":{"token":"t"}}').decode()
-        sock.sendall(("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n" % data).encode())
-        resp, _ = read_response(sock)
-    return resp
+    data = b64(b'{"event":"probe","properties":{"token":"t"}}')
+    return roundtrip(port, ("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n" % data).encode())
 
 
 def violations(outcome):
@@ -639,7 +617,7 @@ def test_fuzz_worker_alive_and_memory_bounded(fuzz_run):
     w = fuzz_run["worker"]
     resp = _one_valid_request(w.port)
     assert (resp.status, resp.body) == (200, b"1")
-    wait_until(lambda: _fd_count(w.proc.pid) <= fuzz_run["fds_before"] + 1, timeout=10,
+    wait_until(lambda: open_fds(w.proc.pid) <= fuzz_run["fds_before"] + 1, timeout=10,
                message="the worker's descriptors to return to %d" % fuzz_run["fds_before"])
 
 

@@ -7,10 +7,9 @@ matches the body.  Known bugs are marked xfail(strict=True) with the exact reque
 mark fails loudly the day the bug is fixed.  This module must not monkey-patch (the
 worker is a separate eventlet process) and must not reach anything but 127.0.0.1.
 
-The raw-HTTP helpers (`exchange`, `read_response`, `Response`) are reused by
-test_fuzz.py and test_slow_clients.py.
+The raw-HTTP layer (building, sending, strict parsing) is testkit/rawhttp.py.
 """
-import base64
+import functools
 import gzip
 import json
 import os
@@ -22,9 +21,11 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support.procs import QueueServer, Worker, wait_until
+from testkit.payloads import b64, b64_json, basic_auth, compact_json
+from testkit.procs import QueueServer, Worker, rss_kib, wait_until
+from testkit.rawhttp import (assert_clean, closed_by_peer, connect, exchange, read_response,
+                             request)
 
-HOST = "127.0.0.1"
 TOKEN = "hostile-token"
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 # Small limits so "at" and "just over" are cheap to build; flag -> value.
@@ -33,176 +34,15 @@ LIMITS = {"max_request_line_bytes": 1000, "max_header_bytes": 500, "max_headers"
           "max_properties": 10, "max_depth": 3, "max_string_chars": 100}
 
 
-# ---- raw HTTP ------------------------------------------------------------------------
+# ---- request builders ----------------------------------------------------------------
 
-class Malformed(AssertionError):
-    """The bytes the worker sent are not an HTTP/1.x response (`data` holds them)."""
-
-    def __init__(self, message, data=b""):
-        super().__init__(message)
-        self.data = data
-
-
-class Response:
-    def __init__(self, version, status, reason, headers, body, raw):
-        self.version, self.status, self.reason = version, status, reason
-        self.headers, self.body, self.raw = headers, body, raw   # headers: lower-case names
-
-    def header(self, name):
-        return self.headers.get(name.lower())
-
-    def __repr__(self):
-        return "<Response %s %r>" % (self.status, self.raw[:300])
-
-
-def _recv_some(sock):
-    data = sock.recv(65536)
-    if not data:
-        raise EOFError
-    return data
-
-
-def _read_head(sock, buf):
-    """Bytes up to the end of a response head (the blank line)."""
-    while b"\r\n\r\n" not in buf:
-        try:
-            buf += _recv_some(sock)
-        except EOFError:
-            if not buf:
-                raise
-            buf += _drain(sock)
-            if buf.lstrip().startswith(b"HTTP/"):
-                raise Malformed("connection closed inside the response head: %r" % buf[:300], buf)
-            raise Malformed("no HTTP status line: %r" % buf[:300], buf)
-        if len(buf) > 1 << 20:
-            raise Malformed("response head larger than 1 MB", buf)
-    return buf
-
-
-def _drain(sock, timeout=0.3):
-    """What else the peer sends until it closes or pauses (for failure messages)."""
-    got, saved = b"", sock.gettimeout()
-    sock.settimeout(timeout)
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return got
-            got += data
-    except OSError:
-        return got
-    finally:
-        sock.settimeout(saved)
-
-
-def read_response(sock, buf=b"", no_body=False):
-    """Read one response from `sock` (after bytes already in `buf`); returns
-    (Response, leftover bytes).  Raises EOFError when the peer closed before any byte,
-    Malformed when what arrived is not a well-formed HTTP/1.x response.  `no_body` is for
-    the answer to HEAD (a Content-Length but no body)."""
-    buf = _read_head(sock, buf)
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1") or not parts[1].isdigit():
-        raise Malformed("no HTTP status line: %r" % buf[:300], buf + _drain(sock))
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise Malformed("bad header line %r in %r" % (line, buf[:300]), buf)
-        headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
-    if "transfer-encoding" in headers:
-        raise Malformed("chunked answer; the worker always sends Content-Length: %r" % buf[:300], buf)
-    if "content-length" not in headers or not headers["content-length"].isdigit():
-        raise Malformed("answer without a valid Content-Length: %r" % buf[:300], buf)
-    length = 0 if no_body else int(headers["content-length"])
-    while len(rest) < length:
-        try:
-            rest += _recv_some(sock)
-        except EOFError:
-            raise Malformed("body shorter than Content-Length %d: %r" % (length, buf[:300]), buf)
-    resp = Response(parts[0].decode(), int(parts[1]), parts[2].decode("latin-1") if len(parts) > 2
-                    else "", headers, rest[:length], head + b"\r\n\r\n" + rest[:length])
-    return resp, rest[length:]
-
-
-def connect(port, timeout=5.0):
-    sock = socket.create_connection((HOST, port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def exchange(port, raw, half_close=True, timeout=5.0):
-    """One request on a fresh connection; half-closing tells the worker no more bytes come
-    (so a request cut short is answered instead of waited for).  Returns the Response and
-    whether the worker then closed the connection."""
-    with connect(port, timeout) as sock:
-        try:
-            sock.sendall(raw)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass        # answered and closed before reading everything: read the answer
-        resp, extra = read_response(sock)
-        try:
-            closed = not extra and not sock.recv(1)
-        except OSError:
-            closed = True
-        return resp, closed
-
-
-def closed_by_peer(sock, timeout):
-    """Seconds until the worker closes `sock` (bytes received meanwhile are returned)."""
-    sock.settimeout(timeout)
-    started, got = time.monotonic(), b""
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            got += data
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - started, got
-
-
-def request(method, target, headers=(), body=b"", close=True):
-    """Bytes of one HTTP/1.1 request; Content-Length is added for a body."""
-    lines = ["%s %s HTTP/1.1" % (method, target), "Host: 127.0.0.1"]
-    lines += ["%s: %s" % h for h in headers]
-    if body and not any(h[0].lower() == "content-length" for h in headers):
-        lines.append("Content-Length: %d" % len(body))
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def assert_clean(resp, status):
-    """The answer every hostile request must get: the expected status, a body that is
-    exactly Content-Length long, no traceback, never a 5xx but 503."""
-    assert resp.status == status, resp
-    assert int(resp.header("content-length")) == len(resp.body)
-    assert b"Traceback" not in resp.body and b'File "' not in resp.body, resp
+# JSON bodies keep non-ASCII characters as UTF-8: the byte and string limits count them so.
+compact = functools.partial(compact_json, ensure_ascii=False)
 
 
 def event(**props):
     props.setdefault("token", TOKEN)
     return {"event": "hostile", "properties": props}
-
-
-def compact(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def b64(obj):
-    return base64.b64encode(compact(obj).encode("utf-8")).decode("ascii")
-
-
-def post_form(path, data, extra="", headers=()):
-    body = ("data=%s%s" % (data, extra)).encode("utf-8")
-    return request("POST", path, (("Content-Type", "application/x-www-form-urlencoded"),)
-                   + tuple(headers), body)
 
 
 def post_json(path, text, headers=()):
@@ -219,7 +59,7 @@ def verbose(port, records, path="/track"):
 
 def assert_alive(worker):
     assert worker.proc.alive(), worker.proc.output()
-    resp, _ = exchange(worker.port, request("GET", "/track?data=" + b64(event())))
+    resp, _ = exchange(worker.port, request("GET", "/track?data=" + b64_json(event())))
     assert_clean(resp, 200)
     assert resp.body == b"1"
 
@@ -258,7 +98,7 @@ def limited(tmp_path_factory, queue):
 
 def _request_line(n):
     """A valid /track request line of exactly n bytes including its CRLF."""
-    head = "GET /track?data=%s&pad=" % b64(event())
+    head = "GET /track?data=%s&pad=" % b64_json(event())
     tail = " HTTP/1.1\r\n"
     return (head + "a" * (n - len(head) - len(tail)) + tail).encode("ascii")
 
@@ -285,7 +125,7 @@ def test_default_url_limit_fits_a_large_sdk_get(default_worker):
     # The browser SDK batches into GET `data`; 50 events of ~600 bytes base64 to ~40 KB,
     # under the 64 KiB default.
     records = [event(distinct_id="user-%d" % i, pad="p" * 400, i=i) for i in range(50)]
-    target = "/track?data=" + b64(records)
+    target = "/track?data=" + b64_json(records)
     assert 30000 < len(target) < 65536 - 20
     resp, _ = exchange(default_worker.port, request("GET", target))
     assert_clean(resp, 200)
@@ -293,7 +133,7 @@ def test_default_url_limit_fits_a_large_sdk_get(default_worker):
 
 
 def test_default_url_limit_over_gets_414(default_worker):
-    target = "/track?data=" + b64(event()) + "&pad=" + "a" * 70000
+    target = "/track?data=" + b64_json(event()) + "&pad=" + "a" * 70000
     # Only a little more than the limit is sent: the worker stops reading at 64 KiB.
     resp, closed = exchange(default_worker.port, request("GET", target)[:65536 + 100])
     assert_clean(resp, 414)
@@ -306,7 +146,7 @@ def _header_line(n):
 
 
 def test_header_line_just_under_limit_is_served(limited):
-    raw = (b"GET /track?data=" + b64(event()).encode() + b" HTTP/1.1\r\n"
+    raw = (b"GET /track?data=" + b64_json(event()).encode() + b" HTTP/1.1\r\n"
            + _header_line(LIMITS["max_header_bytes"] - 1) + b"Connection: close\r\n\r\n")
     resp, _ = exchange(limited.port, raw)
     assert_clean(resp, 200)
@@ -315,7 +155,7 @@ def test_header_line_just_under_limit_is_served(limited):
 @pytest.mark.parametrize("extra", [0, 1, 20000])
 def test_header_line_at_or_over_limit_gets_400_and_worker_stays_up(limited, extra):
     # eventlet answers an over-long header line with its own 400 and closes.
-    raw = (b"GET /track?data=" + b64(event()).encode() + b" HTTP/1.1\r\n"
+    raw = (b"GET /track?data=" + b64_json(event()).encode() + b" HTTP/1.1\r\n"
            + _header_line(LIMITS["max_header_bytes"] + extra) + b"Connection: close\r\n\r\n")
     resp, closed = exchange(limited.port, raw)
     assert_clean(resp, 400)
@@ -329,7 +169,7 @@ def _with_header_lines(n):
     lines = ["Connection: close", "Content-Type: text/plain"]
     lines += ["X-H%d: v" % i for i in range(n - len(lines))]
     return ("GET /track?data=%s HTTP/1.1\r\n%s\r\n\r\n"
-            % (b64(event()), "\r\n".join(lines))).encode("ascii")
+            % (b64_json(event()), "\r\n".join(lines))).encode("ascii")
 
 
 def test_header_count_at_limit_is_served(limited):
@@ -374,7 +214,7 @@ def test_total_header_size_over_64k_gets_400(default_worker):
 # ---- body, records and record limits ---------------------------------------------------
 
 def _form_body_of(n):
-    body = "data=%s&pad=" % b64(event())
+    body = "data=%s&pad=" % b64_json(event())
     return (body + "a" * (n - len(body))).encode("ascii")
 
 
@@ -507,8 +347,8 @@ MALFORMED = [
     ("bad_base64_verbose", _get("!!!notbase64***", "&verbose=1"), 200,
      b'{"status": 0, "error": "data is neither JSON nor valid base64"}'),
     ("bad_json", _get("%7B%22event%22%3A"), 200, b"0"),
-    ("bad_json_in_base64", _get(base64.b64encode(b'{"event":').decode()), 200, b"0"),
-    ("invalid_utf8_in_base64", _get(base64.b64encode(b'{"event":"\xff\xfe"}').decode(),
+    ("bad_json_in_base64", _get(b64(b'{"event":')), 200, b"0"),
+    ("invalid_utf8_in_base64", _get(b64(b'{"event":"\xff\xfe"}'),
                                     "&verbose=1"), 200,
      b'{"status": 0, "error": "data is not valid UTF-8"}'),
     ("invalid_utf8_body", request("POST", "/track?verbose=1", (("Content-Type", "text/plain"),),
@@ -520,7 +360,7 @@ MALFORMED = [
      200, b"0"),
     ("huge_integer", post_json("/track", '[' + "9" * 5000 + ']'), 200, b"0"),
     ("data_is_a_number", _get("5"), 200, b"0"),
-    ("data_is_a_string", _get(base64.b64encode(b'"str"').decode(), "&verbose=1"), 200,
+    ("data_is_a_string", _get(b64(b'"str"'), "&verbose=1"), 200,
      b'{"status": 0, "error": "data must be a JSON object or array"}'),
     ("missing_data", request("GET", "/track?verbose=1"), 200,
      b'{"status": 0, "error": "data parameter is missing"}'),
@@ -594,14 +434,14 @@ def test_input_is_not_echoed_in_error_bodies(default_worker):
 @pytest.mark.parametrize("value", ["-5", "abc", "1 0", "0x10", "\u0663".encode("utf-8").decode("latin-1")])
 def test_negative_or_non_numeric_content_length_gets_400(default_worker, value):
     raw = ("POST /track HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: %s\r\n\r\n"
-           "data=%s" % (value, b64(event()))).encode("latin-1")
+           "data=%s" % (value, b64_json(event()))).encode("latin-1")
     resp, closed = exchange(default_worker.port, raw)
     assert_clean(resp, 400)
     assert closed
 
 
 def _padded_body(multiple):
-    body = "data=%s&pad=" % b64(event())
+    body = "data=%s&pad=" % b64_json(event())
     return (body + "a" * (-len(body) % multiple)).encode("ascii")
 
 
@@ -639,7 +479,7 @@ def test_non_chunked_transfer_encoding_gets_400(default_worker):
 
 
 def test_valid_chunked_body_is_served(default_worker):
-    data = ("data=" + b64(event())).encode()
+    data = ("data=" + b64_json(event())).encode()
     raw = request("POST", "/track", (("Content-Type", "text/plain"),
                                      ("Transfer-Encoding", "chunked"))) \
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
@@ -684,7 +524,8 @@ def test_bad_request_line_is_not_echoed(default_worker):
 
 
 def test_bad_header_line_does_not_smuggle_the_body(default_worker):
-    smuggled = ("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n" % b64(event(n="smuggled"))).encode()
+    smuggled = ("GET /track?data=%s HTTP/1.1\r\nHost: x\r\n\r\n"
+                % b64_json(event(n="smuggled"))).encode()
     raw = (b"POST /track HTTP/1.1\r\nHost: x\r\nX-Bad Name: v\r\nContent-Type: text/plain\r\n"
            b"Content-Length: %d\r\n\r\n" % len(smuggled)) + smuggled
     resp, closed = exchange(default_worker.port, raw)
@@ -711,7 +552,7 @@ def _gzip_post(worker_port, compressed, encoding="gzip"):
 
 
 def test_gzip_body_is_accepted(default_worker):
-    resp = _gzip_post(default_worker.port, gzip.compress(("data=" + b64(event())).encode()))
+    resp = _gzip_post(default_worker.port, gzip.compress(("data=" + b64_json(event())).encode()))
     assert_clean(resp, 200)
     assert json.loads(resp.body) == {"status": 1, "error": None}
 
@@ -739,22 +580,14 @@ def _bomb(megabytes):
 def test_gzip_bomb_gets_413_and_memory_stays_bounded(default_worker):
     bomb = _bomb(512)       # 512 MB inflated, ~0.5 MB on the wire
     assert len(bomb) < DEFAULT_MAX_BODY
-    before = rss_kb(default_worker.proc.pid)
+    before = rss_kib(default_worker.proc.pid)
     started = time.monotonic()
     resp = _gzip_post(default_worker.port, bomb)
     assert_clean(resp, 413)
     assert time.monotonic() - started < 5
     # inflating stops at the cap (10 MB) instead of 512 MB
-    assert rss_kb(default_worker.proc.pid) - before < 100 * 1024
+    assert rss_kib(default_worker.proc.pid) - before < 100 * 1024
     assert_alive(default_worker)
-
-
-def rss_kb(pid):
-    with open("/proc/%d/status" % pid) as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for pid %d" % pid)
 
 
 @pytest.mark.parametrize("name,body", [
@@ -781,14 +614,15 @@ def test_unknown_content_encoding_gets_415(default_worker):
     "x" * 129, "\u00e9t\u00e9", "a%0d%0aSet-Cookie:x",
 ])
 def test_unsafe_callback_gets_400(default_worker, callback):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&callback=" + quote(callback, safe="")))
+    resp, _ = exchange(default_worker.port,
+                       _get(b64_json(event()), "&callback=" + quote(callback, safe="")))
     assert_clean(resp, 400)
     assert resp.body == b'{"status": 0, "error": "callback must be a JavaScript identifier or dotted path"}'
     assert resp.header("content-type") == "application/json"
 
 
 def test_safe_callback_wraps_the_answer(default_worker):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&callback=mp.cb_1$"))
+    resp, _ = exchange(default_worker.port, _get(b64_json(event()), "&callback=mp.cb_1$"))
     assert_clean(resp, 200)
     assert resp.body == b"mp.cb_1$(1)"
     assert resp.header("content-type") == "text/javascript"
@@ -801,19 +635,21 @@ def test_safe_callback_wraps_the_answer(default_worker):
     "http://ok.example/\u00e9",
 ])
 def test_unsafe_redirect_gets_400(default_worker, target):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&redirect=" + quote(target, safe="")))
+    resp, _ = exchange(default_worker.port,
+                       _get(b64_json(event()), "&redirect=" + quote(target, safe="")))
     assert_clean(resp, 400)
     assert resp.header("location") is None
 
 
 def test_http_redirect_is_followed_with_302(default_worker):
-    resp, _ = exchange(default_worker.port, _get(b64(event()), "&redirect=https%3A%2F%2Fok.example%2Fthanks"))
+    resp, _ = exchange(default_worker.port,
+                       _get(b64_json(event()), "&redirect=https%3A%2F%2Fok.example%2Fthanks"))
     assert_clean(resp, 302)
     assert resp.header("location") == "https://ok.example/thanks"
 
 
-@pytest.mark.parametrize("auth", [None, "Basic !!!", "Basic " + base64.b64encode(b"wrong:").decode(),
-                                  "Bearer abc", "Basic " + base64.b64encode(b"\xff\xfe:").decode()])
+@pytest.mark.parametrize("auth", [None, "Basic !!!", basic_auth("wrong"), "Bearer abc",
+                                  "Basic " + b64(b"\xff\xfe:")])
 def test_import_without_valid_credentials_gets_401(default_worker, auth):
     record = event(time=int(time.time()) - 100, distinct_id="d", **{"$insert_id": "i1"})
     headers = (("Authorization", auth),) if auth else ()
@@ -830,7 +666,7 @@ def test_import_without_valid_credentials_gets_401(default_worker, auth):
 def test_keepalive_idle_connection_is_closed(queue, make_worker):
     w = make_worker(queue.address, extra=["--keepalive-idle-s", "1"])
     with connect(w.port) as sock:
-        raw = request("GET", "/track?data=" + b64(event()), close=False)
+        raw = request("GET", "/track?data=" + b64_json(event()), close=False)
         sock.sendall(raw)
         resp, _ = read_response(sock)
         assert_clean(resp, 200)
@@ -876,7 +712,7 @@ def test_connection_cap_queues_extra_connections(queue, make_worker):
     fourth connection is accepted by the kernel but not served (its request waits) until
     one of the three closes; the three keep being served meanwhile."""
     w = make_worker(queue.address, extra=["--max-connections", "3", "--keepalive-idle-s", "30"])
-    raw = request("GET", "/track?data=" + b64(event()), close=False)
+    raw = request("GET", "/track?data=" + b64_json(event()), close=False)
     held = [connect(w.port) for _ in range(3)]
     try:
         for sock in held:
@@ -912,13 +748,13 @@ def test_in_flight_cap_answers_503_with_retry_after(queue, make_worker, tmp_path
     slow = connect(w.port, timeout=15)
     try:
         os.kill(q.proc.pid, signal.SIGSTOP)
-        slow.sendall(request("GET", "/track?data=" + b64(event(n="slow"))))
+        slow.sendall(request("GET", "/track?data=" + b64_json(event(n="slow"))))
 
         def in_flight():
             resp, _ = exchange(w.port, request("GET", "/metrics"))
             return b"ingest_requests_in_flight 1.0" in resp.body
         wait_until(in_flight, timeout=5, message="the slow request to be in flight")
-        resp, _ = exchange(w.port, request("GET", "/track?data=" + b64(event(n="busy"))))
+        resp, _ = exchange(w.port, request("GET", "/track?data=" + b64_json(event(n="busy"))))
         assert_clean(resp, 503)
         assert resp.header("retry-after") == "1"
         assert json.loads(resp.body) == {"status": 0, "error": "server busy; retry"}

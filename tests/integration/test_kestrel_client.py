@@ -5,18 +5,20 @@ servers is SIGKILLed (and its return after retry_ms), reliable reads closed on t
 that holds them, timeouts that leave no half-read socket behind, and many green threads
 sharing one client (in a monkey-patched subprocess).
 """
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from ingest.kestrel import Client, KestrelError
 from ingest.kestrel.errors import InvalidQueueName, KestrelUnavailable
-from tests.support.procs import ROOT, QueueServer
-from tests.support.queues import queue_stats
+from testkit.procs import ROOT, QueueServer, wait_until
+from testkit.queues import queue_stats
 
 
 class Clock:
@@ -27,6 +29,18 @@ class Clock:
 
     def __call__(self):
         return self.now
+
+
+@contextlib.contextmanager
+def added_later(address, queue, item, delay_s):
+    """Add `item` to `queue` on `address` from another thread `delay_s` after entering,
+    while the body blocks in a get; the thread is joined on the way out."""
+    timer = threading.Timer(delay_s, lambda: Client([address]).add(queue, item))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join()
 
 
 def drain(address, queue):
@@ -78,19 +92,14 @@ def test_every_method(queue_server):
 
 
 def test_blocking_get_waits_for_an_item_and_times_out(queue_server):
-    import threading
     import time
     with Client([queue_server.address]) as c:
         t0 = time.monotonic()
         assert c.get("wait", timeout=300) is None
         assert 0.25 <= time.monotonic() - t0 < 1.5
         # an item added while a get blocks is returned to it
-        writer = threading.Timer(0.1, lambda: Client([queue_server.address]).add("wait", b"w"))
-        writer.start()
-        try:
+        with added_later(queue_server.address, "wait", b"w", 0.1):
             assert c.get("wait", timeout=3000) == b"w"
-        finally:
-            writer.join()
 
 
 def test_put_many_exact_contents_and_order(queue_server):
@@ -158,8 +167,6 @@ def test_failover_when_one_server_is_killed_and_its_return(two_servers):
 def test_writes_keep_succeeding_while_a_server_is_killed_mid_stream(two_servers):
     """A writer thread streams batches; one server is SIGKILLed under it.  No call fails,
     nothing is lost; at most the one batch in flight may be duplicated."""
-    import threading
-    from tests.support.procs import wait_until
     a, b = two_servers
     c = Client([a.address, b.address], retry_ms=60000)
     sent, errors, stop = [], [], threading.Event()
@@ -236,13 +243,8 @@ def test_reads_visit_every_server(two_servers):
         assert c.get("spread") == b"only-on-b"
         assert c.get("spread") is None
         # a blocking read over two servers sees an item that arrives on either
-        import threading
-        t = threading.Timer(0.2, lambda: Client([a.address]).add("spread", b"late"))
-        t.start()
-        try:
+        with added_later(a.address, "spread", b"late", 0.2):
             assert c.get("spread", timeout=3000) == b"late"
-        finally:
-            t.join()
 
 
 def test_next_closes_the_read_on_the_server_that_holds_it(two_servers):

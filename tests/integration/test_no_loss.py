@@ -20,8 +20,8 @@ import time
 import pytest
 
 from ingest.kestrel import Client
-from tests.support.load import Load, track_query
-from tests.support.procs import QueueServer, Worker, ingest_argv, wait_until
+from testkit.load import Load, track_query
+from testkit.procs import QueueServer, Worker, ingest_argv, wait_until
 
 QUEUE = "events"
 # Quick recovery: a failed Kestrel server is retried after 200 ms, a stuck one gives up

@@ -4,7 +4,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote
 
-from tests.support.procs import wait_until
+from testkit.procs import wait_until
 
 
 def get(worker, path):

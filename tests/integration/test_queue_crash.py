@@ -8,8 +8,8 @@ recovery, and measured to check that drained and mostly-dead journals shrink.
 import json
 import os
 
-from tests.integration.test_queue_server import Wire
-from tests.support.procs import QueueServer
+from testkit.procs import QueueServer
+from testkit.rawqueue import Wire
 
 
 def journal(server, queue):

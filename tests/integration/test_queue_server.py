@@ -7,102 +7,13 @@ queue names; tests that need a config file or stop the server start their own.
 import json
 import os
 import signal
-import socket
 import threading
 import time
 
 import pytest
 
-from tests.support.procs import QueueServer, wait_until
-
-
-class Wire:
-    """A raw memcache-protocol connection with a read buffer and a read timeout."""
-
-    def __init__(self, server, timeout=5.0):
-        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
-        self.buf = b""
-
-    def close(self):
-        self.sock.close()
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError("server closed the connection")
-        self.buf += chunk
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def exact(self, n):
-        while len(self.buf) < n:
-            self._fill()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def cmd(self, line):
-        self.send(line + b"\r\n")
-        return self.line()
-
-    def set(self, queue, data, expiry=0, flags=0):
-        self.send(b"set %s %d %d %d\r\n%s\r\n" % (queue.encode(), flags, expiry, len(data),
-                                                   data))
-        return self.line()
-
-    def value(self):
-        """Read one get reply: the item bytes, or None for END."""
-        line = self.line()
-        if line == b"END":
-            return None
-        parts = line.split(b" ")
-        assert parts[0] == b"VALUE" and parts[2] == b"0", line
-        data = self.exact(int(parts[3]))
-        assert self.exact(2) == b"\r\n"
-        assert self.line() == b"END"
-        return data
-
-    def get(self, key):
-        self.send(b"get %s\r\n" % key.encode())
-        return self.value()
-
-    def value_line(self, key):
-        """The VALUE line of `get key` (to check the name it carries)."""
-        self.send(b"get %s\r\n" % key.encode())
-        line = self.line()
-        n = int(line.split(b" ")[3])
-        self.exact(n + 2)
-        assert self.line() == b"END"
-        return line
-
-    def closed_by_server(self):
-        """True when the server has closed this connection (EOF within the timeout)."""
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return True
-                self.buf += chunk
-        except ConnectionResetError:
-            return True
-        except socket.timeout:
-            return False
-
-    def stats(self):
-        self.send(b"stats\r\n")
-        out = {}
-        while True:
-            line = self.line()
-            if line == b"END":
-                return out
-            _, key, value = line.decode().split(" ", 2)
-            out[key] = value
+from testkit.procs import QueueServer, rss_kib, wait_until
+from testkit.rawqueue import Wire
 
 
 def qstat(server, queue, name):
@@ -660,9 +571,7 @@ def test_bad_or_huge_lengths(conn, srv, length):
 
 
 def test_gigabyte_length_does_not_grow_memory(conn, srv):
-    rss = lambda: int([l for l in open("/proc/%d/status" % srv.proc.pid)  # noqa: E731
-                       if l.startswith("VmRSS:")][0].split()[1])
-    before = rss()
+    before = rss_kib(srv.proc.pid)
     w = conn()
     w.send(b"set gb 0 0 4000000000\r\n")
     assert w.line() == b"NOT_STORED"
@@ -671,7 +580,7 @@ def test_gigabyte_length_does_not_grow_memory(conn, srv):
         w.send(chunk)
     w.close()
     assert_server_serves(srv)
-    assert rss() - before < 32 * 1024      # KiB: 64 MiB streamed, far less retained
+    assert rss_kib(srv.proc.pid) - before < 32 * 1024      # KiB: 64 MiB streamed, far less retained
 
 
 # ---- stopping ----------------------------------------------------------------------------

@@ -4,16 +4,17 @@ import signal
 import urllib.parse
 import urllib.request
 
-from tests.support.procs import wait_until
-from tests.support.queues import assert_empty, read_all
+from testkit.payloads import write_routes
+from testkit.procs import wait_until
+from testkit.queues import assert_empty, read_all
 
 
 def routes(path, acme_queue):
-    path.write_text(json.dumps({
+    write_routes(path, {
         "tokens": {"acme": {"track": acme_queue, "engage": "people_acme"}},
         "blocked_tokens": ["spam"],
         "overflow": {"events_per_second": 5, "burst": 5, "suffix": "_overflow"},
-    }))
+    })
 
 
 def post(worker, endpoint, records):
@@ -92,7 +93,7 @@ def test_broken_routes_file_keeps_the_last_good_table(tmp_path, queue_server, ma
 
 
 def test_bad_routes_file_at_start_is_a_clear_error(tmp_path, queue_server):
-    from tests.support.procs import Worker
+    from testkit.procs import Worker
     path = tmp_path / "routes.json"
     path.write_text('{"queues": {"track": 5}}')
     w = Worker(tmp_path, queue_server.address, extra=["--routes", path], name="bad")

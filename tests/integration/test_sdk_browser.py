@@ -22,8 +22,8 @@ import urllib.parse
 
 import pytest
 
-from tests.support.procs import ROOT, Proc, free_port
-from tests.support.queues import assert_empty, pop_processing_time, read_all
+from testkit.procs import ROOT, Proc, free_port, no_proxy_env
+from testkit.queues import assert_empty, pop_processing_time, read_all
 
 JS_DIR = os.path.join(ROOT, "tests", "js")
 SCRIPT = os.path.join(JS_DIR, "browser_sdk.js")
@@ -48,14 +48,12 @@ class BrowserDriver:
     """browser_sdk.js as a child process we talk to line by line."""
 
     def __init__(self, node, config_path, logdir):
-        env = {k: v for k, v in os.environ.items()
-               if k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
-        env["NO_PROXY"] = "127.0.0.1,localhost"
         self.err_path = os.path.join(str(logdir), "browser_sdk.err")
         with open(self.err_path, "wb") as err:
             self.popen = subprocess.Popen(
-                [node, SCRIPT, str(config_path)], cwd=JS_DIR, env=env, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+                [node, SCRIPT, str(config_path)], cwd=JS_DIR, env=no_proxy_env(),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                start_new_session=True)
         self.lines = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 

@@ -17,14 +17,16 @@ import urllib.parse
 
 import pytest
 
-from tests.support.procs import ROOT
-from tests.support.queues import (assert_empty, pop_filled_time, pop_processing_time,
+from testkit.payloads import write_routes
+from testkit.procs import ROOT, no_proxy_env
+from testkit.queues import (assert_empty, pop_filled_time, pop_processing_time,
                                   read_all)
 
 JS_DIR = os.path.join(ROOT, "tests", "js")
 SCRIPT = os.path.join(JS_DIR, "node_sdk.js")
 TOKEN = "node-sdk-token"
 SECRET = "node-sdk-secret-81d0"
+ROUTES = {"secrets": {TOKEN: SECRET}}   # the /import secret for TOKEN
 NODE_LIB = {"mp_lib": "node", "$lib_version": "0.24.0"}
 NAME = "Zo\u00eb \u2713 \u6771\u4eac \U0001F680"
 # base64 of this text is full of '+' and '/' ("fn5+Pj4+Pz8/" ...).
@@ -43,11 +45,8 @@ def node():
 def run_plan(node, tmp_path, clients, steps, timeout_s=30):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"clients": clients, "steps": steps}))
-    env = {k: v for k, v in os.environ.items()
-           if k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    done = subprocess.run([node, SCRIPT, str(plan)], cwd=JS_DIR, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
+    done = subprocess.run([node, SCRIPT, str(plan)], cwd=JS_DIR, env=no_proxy_env(),
+                          capture_output=True, text=True, timeout=timeout_s)
     assert done.returncode == 0, "node_sdk.js failed (%s):\n%s\n%s" % (
         done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     return json.loads(done.stdout)
@@ -70,12 +69,6 @@ def node_event(name, props):
     return {"event": name, "properties": dict(props, token=TOKEN, **NODE_LIB)}
 
 
-def write_routes(tmp_path):
-    path = tmp_path / "routes.json"
-    path.write_text(json.dumps({"secrets": {TOKEN: SECRET}}))
-    return str(path)
-
-
 def check_event(got, want, start, end, time_filled):
     pop_processing_time(got["properties"], start, end)
     if time_filled:
@@ -84,7 +77,8 @@ def check_event(got, want, start, end, time_filled):
 
 
 def test_track_people_groups_import_and_prefix(node, tmp_path, queue_server, make_worker):
-    worker = make_worker(queue_server.address, extra=("--routes", write_routes(tmp_path)))
+    routes = write_routes(tmp_path / "routes.json", ROUTES)
+    worker = make_worker(queue_server.address, extra=("--routes", routes))
     now_ms = int(time.time() * 1000)
     timed_ms = now_ms - 60000                  # a Date: the SDK sends milliseconds
     old_ms = now_ms - 90 * 86400 * 1000        # /import has no 5-day window
@@ -169,7 +163,8 @@ def assert_raw_plus(report, path):
 
 def test_track_batch_and_import_batch_with_unescaped_plus(node, tmp_path, queue_server,
                                                           make_worker):
-    worker = make_worker(queue_server.address, extra=("--routes", write_routes(tmp_path)))
+    routes = write_routes(tmp_path / "routes.json", ROUTES)
+    worker = make_worker(queue_server.address, extra=("--routes", routes))
     tracked = awkward_events(120, "t")
     old_ms = int(time.time() * 1000) - 30 * 86400 * 1000
     imported = [dict(e, properties=dict(e["properties"], time=old_ms + i,
@@ -199,7 +194,8 @@ def test_track_batch_and_import_batch_with_unescaped_plus(node, tmp_path, queue_
 
 
 def test_rejections_reach_the_callbacks(node, tmp_path, queue_server, make_worker):
-    worker = make_worker(queue_server.address, extra=("--routes", write_routes(tmp_path)))
+    routes = write_routes(tmp_path / "routes.json", ROUTES)
+    worker = make_worker(queue_server.address, extra=("--routes", routes))
     stale = {"$date": int(time.time() * 1000) - 10 * 86400 * 1000}  # /track: last 5 days only
     clients = {"plain": client_spec(worker), "verbose": client_spec(worker, verbose=True),
                "badkey": client_spec(worker, key="not-the-secret")}

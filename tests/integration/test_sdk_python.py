@@ -14,10 +14,12 @@ import time
 import mixpanel
 import pytest
 
-from tests.support.queues import assert_empty, pop_processing_time, read_all
+from testkit.payloads import write_routes
+from testkit.queues import assert_empty, pop_processing_time, read_all
 
 TOKEN = "py-sdk-token"
 SECRET = "py-sdk-secret-2f7c"
+ROUTES = {"secrets": {TOKEN: SECRET}}   # the /import secret for TOKEN
 NAME = "Zo\u00eb \u2713 \u6771\u4eac \U0001F680"
 
 
@@ -120,14 +122,9 @@ def test_consumer_track_people_and_groups(queue_server, worker):
     assert_empty(queue_server.address, "imports", wait_ms=100)
 
 
-def write_routes(tmp_path):
-    path = tmp_path / "routes.json"
-    path.write_text(json.dumps({"secrets": {TOKEN: SECRET}}))
-    return str(path)
-
-
 def test_import_data_with_api_secret(queue_server, make_worker, tmp_path):
-    worker = make_worker(queue_server.address, extra=("--routes", write_routes(tmp_path)))
+    routes = write_routes(tmp_path / "routes.json", ROUTES)
+    worker = make_worker(queue_server.address, extra=("--routes", routes))
     mp, rec = client(worker)
     old = int(time.time()) - 90 * 86400  # far beyond /track's 5-day window
     start = time.time()
@@ -144,7 +141,8 @@ def test_import_data_with_api_secret(queue_server, make_worker, tmp_path):
 
 def test_import_with_service_account(queue_server, make_worker, tmp_path):
     # Basic `username:secret` plus `?project_id=`; the secret is what the worker checks.
-    worker = make_worker(queue_server.address, extra=("--routes", write_routes(tmp_path)))
+    routes = write_routes(tmp_path / "routes.json", ROUTES)
+    worker = make_worker(queue_server.address, extra=("--routes", routes))
     credentials = mixpanel.ServiceAccountCredentials("svc-user", SECRET, "12345")
     mp, rec = client(worker, credentials=credentials)
     old = int(time.time()) - 30 * 86400
@@ -157,7 +155,8 @@ def test_import_with_service_account(queue_server, make_worker, tmp_path):
 
 def test_import_with_wrong_secret_raises_and_stores_nothing(queue_server, make_worker,
                                                             tmp_path):
-    worker = make_worker(queue_server.address, extra=("--routes", write_routes(tmp_path)))
+    routes = write_routes(tmp_path / "routes.json", ROUTES)
+    worker = make_worker(queue_server.address, extra=("--routes", routes))
     mp, _ = client(worker)
     old = int(time.time()) - 90 * 86400
     with pytest.raises(mixpanel.MixpanelException):

@@ -6,16 +6,15 @@ The trickle runs in this (not monkey-patched) process from one thread with a pac
 the ordinary requests run in a second thread and record their latency.  Only 127.0.0.1
 is contacted; every socket is closed and the worker is stopped by pid afterwards.
 """
-import base64
-import os
 import resource
 import threading
 import time
 
 import pytest
 
-from tests.integration.test_hostile import assert_clean, connect, read_response
-from tests.support.procs import wait_until
+from testkit.payloads import b64
+from testkit.procs import open_fds, wait_until
+from testkit.rawhttp import assert_clean, connect, read_response, roundtrip
 
 SLOW = 420                      # trickling connections
 TRICKLE_S = 3.0                 # each request takes about this long to arrive
@@ -24,12 +23,8 @@ PROBE_EVERY_S = 0.1             # one ordinary request this often during the tri
 PROBE_LIMIT_S = 1.0
 
 
-def _data(text):
-    return base64.b64encode(text.encode()).decode()
-
-
 def _request(i, close):
-    data = _data('{"event":"slow %d","properties":{"token":"slow-token","n":%d}}' % (i, i))
+    data = b64('{"event":"slow %d","properties":{"token":"slow-token","n":%d}}' % (i, i))
     return ("GET /track?data=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowpoke/%d\r\n"
             "Connection: %s\r\n\r\n" % (data, i, "close" if close else "keep-alive")).encode()
 
@@ -58,9 +53,7 @@ class Prober(threading.Thread):
             i += 1
             started = time.monotonic()
             try:
-                with connect(self.port, timeout=5) as sock:
-                    sock.sendall(_request(100000 + i, close=True))
-                    resp, _ = read_response(sock)
+                resp = roundtrip(self.port, _request(100000 + i, close=True))
                 assert (resp.status, resp.body) == (200, b"1"), resp
                 self.latencies.append(time.monotonic() - started)
             except Exception as exc:      # reported by the test, not lost in the thread
@@ -112,20 +105,15 @@ def test_slow_clients_do_not_starve_ordinary_requests(worker, enough_fds):
         for sock in socks:
             sock.close()
     assert worker.proc.alive(), worker.proc.output()
-    with connect(worker.port) as sock:
-        sock.sendall(_request(-1, close=True))
-        resp, _ = read_response(sock)
+    resp = roundtrip(worker.port, _request(-1, close=True))
     assert (resp.status, resp.body) == (200, b"1")
 
 
 def test_abandoned_half_requests_are_released(worker, enough_fds):
     """420 connections each send half a request and vanish; the worker stays up, answers
     at once, and its descriptors come back to where they were."""
-    fd_dir = "/proc/%d/fd" % worker.proc.pid
-    with connect(worker.port) as sock:           # warm up: Kestrel connection, pools
-        sock.sendall(_request(0, close=True))
-        read_response(sock)
-    before = len(os.listdir(fd_dir))
+    roundtrip(worker.port, _request(0, close=True))   # warm up: Kestrel connection, pools
+    before = open_fds(worker.proc.pid)
     socks = [connect(worker.port, timeout=10) for _ in range(SLOW)]
     try:
         for i, sock in enumerate(socks):
@@ -133,17 +121,15 @@ def test_abandoned_half_requests_are_released(worker, enough_fds):
             sock.sendall(raw[:len(raw) // 2])
         # Slack of 2: the warm-up connection's descriptor may still have been open when
         # `before` was read, and closes meanwhile.
-        wait_until(lambda: len(os.listdir(fd_dir)) >= before + SLOW - 2, timeout=10,
+        wait_until(lambda: open_fds(worker.proc.pid) >= before + SLOW - 2, timeout=10,
                    message="the worker to accept every connection")
         started = time.monotonic()
-        with connect(worker.port) as sock:
-            sock.sendall(_request(-2, close=True))
-            resp, _ = read_response(sock)
+        resp = roundtrip(worker.port, _request(-2, close=True))
         assert (resp.status, resp.body) == (200, b"1")
         assert time.monotonic() - started < PROBE_LIMIT_S
     finally:
         for sock in socks:
             sock.close()
-    wait_until(lambda: len(os.listdir(fd_dir)) <= before + 2, timeout=10,
+    wait_until(lambda: open_fds(worker.proc.pid) <= before + 2, timeout=10,
                message="the worker to close the abandoned connections")
     assert worker.proc.alive(), worker.proc.output()

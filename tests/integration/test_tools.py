@@ -1,25 +1,22 @@
 """`ingest consume` and `ingest stats` as subprocesses against real `ingest queue` servers."""
 import json
 import subprocess
-import sys
 import time
 
-
 from ingest.kestrel import Client
-from tests.support.procs import ROOT, free_port
-from tests.support.queues import queue_stats
+from testkit.payloads import compact_json
+from testkit.procs import ROOT, free_port, ingest_argv
+from testkit.queues import queue_stats
 
 
 def ingest(*args, timeout=30):
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "ingest"] + list(args),
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
+    return subprocess.run(ingest_argv(*args, quiet=True), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def records(n, prefix="r"):
-    return [json.dumps({"event": "%s%d" % (prefix, i), "properties": {"n": i}},
-                       separators=(",", ":")).encode() for i in range(n)]
+    return [compact_json({"event": "%s%d" % (prefix, i), "properties": {"n": i}}).encode()
+            for i in range(n)]
 
 
 def test_consume_max_prints_exactly_n_and_leaves_the_rest(queue_server):
@@ -74,9 +71,9 @@ def test_consume_aborts_the_item_when_stdout_fails(queue_server, tmp_path):
     readonly = tmp_path / "readonly"
     readonly.write_bytes(b"")
     with open(readonly, "rb") as stdout:  # writing to it fails with EBADF
-        done = subprocess.run([sys.executable, "-W", "ignore", "-m", "ingest", "consume",
-                               "out", "--kestrel", addr], cwd=ROOT, stdout=stdout,
-                              stderr=subprocess.PIPE, text=True, timeout=30)
+        done = subprocess.run(ingest_argv("consume", "out", "--kestrel", addr, quiet=True),
+                              cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                              timeout=30)
     assert done.returncode == 1
     assert "returned to queue" in done.stderr
     s = queue_stats(addr, "out")

@@ -12,8 +12,9 @@ import struct
 import pytest
 
 from ingest.http.app import AppState
+from testkit.payloads import b64, basic_auth
 
-from .golden.harness import (NOW, NOW_MS, b64, basic, call, form, gz, make, qs)
+from .golden.harness import NOW, NOW_MS, call, form, gz, make, qs
 
 ORIGIN = "http://shop.example"
 FORM = "application/x-www-form-urlencoded"
@@ -502,21 +503,21 @@ def import_post(app, records, query="", auth=None, **fields):
 def test_import_credentials(how):
     app, sink = make(ROUTES)
     if how == "basic_secret":
-        r = import_post(app, [imp()], auth=basic("s3cret"), verbose=1)
+        r = import_post(app, [imp()], auth=basic_auth("s3cret"), verbose=1)
     elif how == "api_key_body":
         r = import_post(app, [imp()], verbose=1, api_key="s3cret")
     elif how == "api_key_query":
         r = import_post(app, [imp()], query="api_key=s3cret&verbose=1")
     else:
-        r = import_post(app, [imp()], query="project_id=123", auth=basic("sa.user", "s3cret"),
-                        verbose=1)
+        r = import_post(app, [imp()], query="project_id=123",
+                        auth=basic_auth("sa.user", "s3cret"), verbose=1)
     assert (r.status, json.loads(r.body)) == (200, {"status": 1, "error": None})
     assert sink.items == [("imports", imp_item(imp()))]
 
 
-@pytest.mark.parametrize("auth, key", [(None, None), (basic("wrong"), None), (None, "wrong"),
-                                       ("Bearer s3cret", None), ("Basic !!!", None),
-                                       (basic("", ""), None)])
+@pytest.mark.parametrize("auth, key", [(None, None), (basic_auth("wrong"), None),
+                                       (None, "wrong"), ("Bearer s3cret", None),
+                                       ("Basic !!!", None), (basic_auth("", ""), None)])
 def test_import_without_valid_credentials_is_401(auth, key):
     app, sink = make(ROUTES)
     fields = {"api_key": key} if key else {}
@@ -535,7 +536,7 @@ def test_import_401_in_strict_shape():
 
 def test_import_python_legacy_secret_with_api_key_in_body():
     app, sink = make(ROUTES)
-    r = import_post(app, [imp()], auth=basic("s3cret"), verbose=1, ip=0,
+    r = import_post(app, [imp()], auth=basic_auth("s3cret"), verbose=1, ip=0,
                     api_key="project-api-key")
     assert (r.status, json.loads(r.body)) == (200, {"status": 1, "error": None})
     assert sink.items == [("imports", imp_item(imp()))]
@@ -544,7 +545,7 @@ def test_import_python_legacy_secret_with_api_key_in_body():
 def test_import_strict_all_good():
     app, sink = make(ROUTES)
     r = import_post(app, [imp(), imp(**{"$insert_id": "b"})], query="strict=1",
-                    auth=basic("s3cret"))
+                    auth=basic_auth("s3cret"))
     assert r.status == 200 and r.headers["content-type"] == "application/json"
     assert json.loads(r.body) == {"code": 200, "num_records_imported": 2, "status": "OK"}
     assert len(sink.items) == 2
@@ -556,7 +557,7 @@ def test_import_strict_reports_failed_records_and_queues_the_rest():
     records = [good, imp(**{"$insert_id": "no-time", "time": None}), imp("other"), "junk",
                imp(time=10), imp(time=NOW + 7200, **{"$insert_id": "future"})]
     del records[1]["properties"]["time"]
-    r = import_post(app, records, query="strict=1", auth=basic("s3cret"))
+    r = import_post(app, records, query="strict=1", auth=basic_auth("s3cret"))
     assert r.status == 400
     body = json.loads(r.body)
     assert body["code"] == 400 and body["num_records_imported"] == 1
@@ -570,7 +571,7 @@ def test_import_strict_reports_failed_records_and_queues_the_rest():
 
 def test_import_strict_too_many_records_is_413_in_strict_shape():
     app, sink = make(ROUTES, max_records=2)
-    r = import_post(app, [imp(), imp(), imp()], query="strict=1", auth=basic("s3cret"))
+    r = import_post(app, [imp(), imp(), imp()], query="strict=1", auth=basic_auth("s3cret"))
     assert r.status == 413
     body = json.loads(r.body)
     assert body["code"] == 413 and isinstance(body["error"], str) and sink.items == []
@@ -578,7 +579,7 @@ def test_import_strict_too_many_records_is_413_in_strict_shape():
 
 def test_import_token_with_another_secret_is_rejected():
     app, sink = make(ROUTES)
-    r = import_post(app, [imp("other"), imp()], auth=basic("s3cret"), verbose=1)
+    r = import_post(app, [imp("other"), imp()], auth=basic_auth("s3cret"), verbose=1)
     assert json.loads(r.body) == {"status": 1, "error": "record 0: credentials are not valid "
                                                         "for this token"}
     assert sink.items == [("imports", imp_item(imp()))]
@@ -586,24 +587,24 @@ def test_import_token_with_another_secret_is_rejected():
 
 def test_import_without_strict_answers_like_track():
     app, sink = make(ROUTES)
-    assert import_post(app, [imp()], auth=basic("s3cret")).body == b"1"
-    assert import_post(app, [{"event": "x"}], auth=basic("s3cret")).body == b"0"
+    assert import_post(app, [imp()], auth=basic_auth("s3cret")).body == b"1"
+    assert import_post(app, [{"event": "x"}], auth=basic_auth("s3cret")).body == b"0"
     old = imp(time=1_000_000_000)           # years old: fine on /import
-    assert import_post(app, [old], auth=basic("s3cret")).body == b"1"
+    assert import_post(app, [old], auth=basic_auth("s3cret")).body == b"1"
     assert sink.items[-1] == ("imports", imp_item(old))
 
 
 def test_import_strict_undecodable_data_is_400():
     app, sink = make(ROUTES)
     r = post(app, b"data=%25%25garbage", path="/import", query="strict=1",
-             headers={"Authorization": basic("s3cret")})
+             headers={"Authorization": basic_auth("s3cret")})
     assert r.status == 400 and json.loads(r.body)["code"] == 400
 
 
 def test_track_ignores_credentials(app_sink):
     app, sink = app_sink
     r = post(app, form(data=json.dumps(ev()), api_key="nonsense"),
-             headers={"Authorization": basic("nonsense")})
+             headers={"Authorization": basic_auth("nonsense")})
     assert r.body == b"1" and len(sink.items) == 1
 
 

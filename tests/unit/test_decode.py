@@ -3,22 +3,17 @@
 Covers mixpanel-api.md section 1 (where `data` and the control parameters travel, the
 encodings the SDKs use, Node's unescaped base64) and issue 8's malformed inputs.
 """
-import base64
 import json
 
 import pytest
 
 from ingest import decode
 from ingest.errors import IngestError
+from testkit.payloads import b64, b64_json
 
 EVENT = {"event": "Signed Up", "properties": {"token": "tok", "plan": "pro + more"}}
 # This text's base64 holds both '+' and '/' (the Node test payload of mixpanel-api.md 1.3).
 TRICKY = {"event": "~~~>>>???", "properties": {"token": "tok", "x": "~~~>>>???"}}
-
-
-def b64(obj, alphabet=base64.b64encode, pad=True):
-    out = alphabet(json.dumps(obj).encode("utf-8")).decode("ascii")
-    return out if pad else out.rstrip("=")
 
 
 def reason(value):
@@ -88,7 +83,7 @@ def test_invalid_utf8_body_is_a_clean_zero_answer():
 
 
 def test_node_unescaped_base64_body_survives_form_decoding():
-    encoded = b64(TRICKY)
+    encoded = b64_json(TRICKY, compact=False)
     assert "+" in encoded and "/" in encoded
     params = decode.read_params("ip=0&verbose=0", "application/x-www-form-urlencoded",
                                 ("data=" + encoded).encode())
@@ -116,30 +111,30 @@ def test_raw_json_keeps_literal_spaces_and_pluses():
     assert got == [{"event": "a b+c", "properties": {"token": "t k"}}]
 
 
-@pytest.mark.parametrize("alphabet", [base64.b64encode, base64.urlsafe_b64encode])
+@pytest.mark.parametrize("urlsafe", [False, True], ids=["standard", "urlsafe"])
 @pytest.mark.parametrize("pad", [True, False])
-def test_base64_standard_or_urlsafe_padded_or_not(alphabet, pad):
+def test_base64_standard_or_urlsafe_padded_or_not(urlsafe, pad):
     for obj in (EVENT, TRICKY, [EVENT, TRICKY]):
         want = obj if isinstance(obj, list) else [obj]
-        assert decode.decode_data(b64(obj, alphabet, pad)) == want
+        assert decode.decode_data(b64_json(obj, urlsafe, pad, compact=False)) == want
 
 
 def test_base64_needing_padding_really_is_unpadded():
     # A JSON text whose length is not a multiple of 3 gives '=' padding to strip.
     text = json.dumps({"event": "e", "properties": {"token": "tok"}})
     assert len(text.encode()) % 3 != 0
-    assert decode.decode_data(base64.b64encode(text.encode()).decode().rstrip("=")) == [
+    assert decode.decode_data(b64(text, pad=False)) == [
         json.loads(text)]
 
 
 def test_base64_with_spaces_for_pluses_is_repaired():
-    encoded = b64(TRICKY)
+    encoded = b64_json(TRICKY, compact=False)
     assert decode.decode_data(encoded.replace("+", " ")) == [TRICKY]
 
 
 def test_base64_of_utf8_keeps_non_ascii():
     obj = {"event": "café ☕ 😀", "properties": {"token": "t"}}
-    assert decode.decode_data(b64(obj)) == [obj]
+    assert decode.decode_data(b64_json(obj, compact=False)) == [obj]
 
 
 @pytest.mark.parametrize("value", [None, "", "   ", "\n"])
@@ -153,7 +148,7 @@ def test_bad_base64(value):
 
 
 def test_base64_of_invalid_utf8():
-    assert reason(base64.b64encode(b'{"event":"\xff"}').decode()) == (200, "invalid_utf8")
+    assert reason(b64(b'{"event":"\xff"}')) == (200, "invalid_utf8")
 
 
 @pytest.mark.parametrize("value", ['{"event":', "{'a':1}", '{"a":1,}', "[1,2", '{"a":1} x',
@@ -163,19 +158,18 @@ def test_bad_raw_json(value):
 
 
 def test_base64_of_bad_json():
-    assert reason(base64.b64encode(b"hello world").decode()) == (200, "invalid_json")
+    assert reason(b64(b"hello world")) == (200, "invalid_json")
 
 
 @pytest.mark.parametrize("value", ["1", "true", '"str"', "null", "3.5"])
 def test_json_scalars_are_not_records(value):
-    assert reason(base64.b64encode(value.encode()).decode()) == (200, "invalid_data")
+    assert reason(b64(value)) == (200, "invalid_data")
 
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_refused(constant):
     assert reason('{"x": %s}' % constant) == (200, "invalid_json")
-    assert reason(base64.b64encode(('[%s]' % constant).encode()).decode()) == (200,
-                                                                               "invalid_json")
+    assert reason(b64("[%s]" % constant)) == (200, "invalid_json")
 
 
 def test_enormous_integer_is_refused_cleanly():

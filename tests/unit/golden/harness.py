@@ -4,7 +4,6 @@ wsgiref.validate by default), and check the invariants every response must keep.
 For the unit tier only: no sockets, no eventlet, no threads.  It must not patch or
 reach into the app; everything goes through make_app's public arguments.
 """
-import base64
 import dataclasses
 import gzip
 import io
@@ -121,12 +120,6 @@ def check(response, origin=None, head=False):
 
 # ---- request builders ------------------------------------------------------------------
 
-def b64(text, urlsafe=False, pad=True):
-    raw = text.encode("utf-8")
-    out = (base64.urlsafe_b64encode(raw) if urlsafe else base64.b64encode(raw)).decode()
-    return out if pad else out.rstrip("=")
-
-
 def form(**fields):
     """x-www-form-urlencoded as `requests` writes it (space -> '+', '+' -> %2B)."""
     return "&".join("%s=%s" % (k, quote(str(v), safe="").replace("%20", "+"))
@@ -139,7 +132,3 @@ def qs(**fields):
 
 def gz(data):
     return gzip.compress(data)
-
-
-def basic(user, password=""):
-    return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()

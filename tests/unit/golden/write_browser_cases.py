@@ -6,11 +6,11 @@ Run by hand:  .venv/bin/python -m tests.unit.golden.write_browser_cases
 Expected items come from record_sdks.expected (the contract, not ingest.clean); the
 cases whose outcome is not a plain accept spell their expectation out literally.
 """
-import base64
 import json
 import os
 from urllib.parse import quote
 
+from testkit.payloads import b64_json, basic_auth, compact_json
 from tests.unit.golden.record_sdks import HERE, ROUTES, SECRET, TOKEN, expected, params_of
 
 CLOCK = 1_795_664_800.25
@@ -33,10 +33,6 @@ def browser_event(name, i, **extra):
 def enc(value):
     """encodeURIComponent."""
     return quote(value, safe="-_.!~*'()")
-
-
-def b64(obj):
-    return base64.b64encode(json.dumps(obj, separators=(",", ":")).encode()).decode()
 
 
 def request(method, path, query="", body="", ctype=None, headers=None):
@@ -77,32 +73,32 @@ def cases():
     cache = "_=1795664798123"
     yield "browser_batch_base64", accepted_case(
         "browser batch POST, base64 (default for non-mixpanel hosts), ip=1",
-        request("POST", "/track/", "verbose=1&ip=1&" + cache, "data=" + enc(b64(batch)), FORM))
+        request("POST", "/track/", "verbose=1&ip=1&" + cache, "data=" + enc(b64_json(batch)), FORM))
     yield "browser_batch_json", accepted_case(
         "browser batch POST, api_payload_format json",
         request("POST", "/track/", "verbose=1&ip=1&" + cache,
-                "data=" + enc(json.dumps(batch, separators=(",", ":"))), FORM))
+                "data=" + enc(compact_json(batch)), FORM))
     yield "browser_behind_nginx", accepted_case(
         "browser batch through the trusted proxy: ip from X-Forwarded-For",
-        request("POST", "/track/", "verbose=1&ip=1&" + cache, "data=" + enc(b64(batch)), FORM,
+        request("POST", "/track/", "verbose=1&ip=1&" + cache, "data=" + enc(b64_json(batch)), FORM,
                 {"X-Forwarded-For": "198.51.100.23, 127.0.0.1"}),
         remote="127.0.0.1", client_ip="198.51.100.23")
     yield "browser_legacy_get", accepted_case(
         "browser legacy GET (api_method GET, batch_requests false)",
-        request("GET", "/track/", "data=" + enc(b64(batch[0])) + "&ip=1&" + cache))
+        request("GET", "/track/", "data=" + enc(b64_json(batch[0])) + "&ip=1&" + cache))
     yield "browser_send_beacon", accepted_case(
         "browser sendBeacon: text/plain;charset=UTF-8 form body",
-        request("POST", "/track/", "ip=1&" + cache, "data=" + enc(b64(batch)),
+        request("POST", "/track/", "ip=1&" + cache, "data=" + enc(b64_json(batch)),
                 "text/plain;charset=UTF-8"))
     yield "browser_legacy_post_ip0", accepted_case(
         "browser legacy POST, one object, ip:false",
-        request("POST", "/track/", "ip=0&" + cache, "data=" + enc(b64(batch[1])), FORM))
+        request("POST", "/track/", "ip=0&" + cache, "data=" + enc(b64_json(batch[1])), FORM))
     yield "browser_engage_batch", accepted_case(
         "browser /engage/ batch", request("POST", "/engage/", "verbose=1&ip=1&" + cache,
-                                          "data=" + enc(b64(people)), FORM))
+                                          "data=" + enc(b64_json(people)), FORM))
     yield "browser_groups_batch", accepted_case(
         "browser /groups/ batch", request("POST", "/groups/", "verbose=1&ip=0&" + cache,
-                                          "data=" + enc(b64(group)), FORM))
+                                          "data=" + enc(b64_json(group)), FORM))
     yield "browser_preflight", literal_case(
         "OPTIONS preflight (xhr_headers)",
         request("OPTIONS", "/track/", headers={"Access-Control-Request-Method": "POST",
@@ -118,13 +114,13 @@ def cases():
         "6.2 case 9: invalid JSON, plain", request("GET", "/track", "data=%7B%22event%22"),
         {"status": 200, "content_type": "text/plain; charset=utf-8", "body": "0"}, [])
     img_gif = literal_case(
-        "6.2 case 10: img=1", request("GET", "/track/", "img=1&data=" + enc(b64(batch[0]))),
+        "6.2 case 10: img=1", request("GET", "/track/", "img=1&data=" + enc(b64_json(batch[0]))),
         {"status": 200, "content_type": "image/gif"}, [])
     img_gif["items"] = accepted_case("x", img_gif["request"])["items"]
     yield "compat10_img", img_gif
     redirect = literal_case(
         "6.2 case 10: redirect", request("GET", "/track", "redirect=" + enc(
-            "https://shop.example/next?a=1") + "&data=" + enc(b64(batch[0]))),
+            "https://shop.example/next?a=1") + "&data=" + enc(b64_json(batch[0]))),
         {"status": 302, "body": "", "headers": {"Location": "https://shop.example/next?a=1"}},
         [])
     redirect["items"] = accepted_case("x", redirect["request"])["items"]
@@ -136,11 +132,10 @@ def cases():
     strict = literal_case(
         "6.2 case 11: /import strict=1 with one bad record",
         request("POST", "/import", "strict=1", "data=" + enc(json.dumps([good, bad])), FORM,
-                {"Authorization": "Basic " + base64.b64encode((SECRET + ":").encode()).decode()}),
+                {"Authorization": basic_auth(SECRET)}),
         {"status": 400, "content_type": "application/json"},
-        [["imports", json.dumps(dict(good, properties=dict(
-            good["properties"], mp_processing_time_ms=int(CLOCK * 1000))),
-            separators=(",", ":"))]])
+        [["imports", compact_json(dict(good, properties=dict(
+            good["properties"], mp_processing_time_ms=int(CLOCK * 1000))))]])
     strict["response"]["json"] = {
         "code": 400, "error": "some data points in the request failed validation",
         "status": "Bad Request", "num_records_imported": 1,
@@ -152,7 +147,7 @@ def cases():
         "6.2 case 12: BufferedConsumer quirk, credentials on /track are ignored",
         request("POST", "/track", "", "data=" + enc(json.dumps(batch[0])) +
                 "&verbose=1&ip=0&api_key=whatever", FORM,
-                {"Authorization": "Basic " + base64.b64encode(b"nope:").decode()}))
+                {"Authorization": basic_auth("nope")}))
     yield "blocked_token", literal_case(
         "blocked token: answered 1, nothing queued",
         request("GET", "/track", "data=" + enc(json.dumps({"event": "e", "properties": {

@@ -1,20 +1,24 @@
-"""Start real processes on loopback for integration tests, wait by polling, clean up.
+"""Start real processes on loopback for tests and benchmarks, wait by polling, clean up.
 
 No sleeping to wait for something: every wait polls a condition until a deadline and
 fails with the process's captured output.  Every process started here is stopped by its
-own pid (terminate, then kill) when the test ends.
+own pid (terminate, then kill): by the test or benchmark that started it, or by
+`Proc.wait_port` itself when the process never starts listening.  Nothing here binds or
+connects anywhere but the loopback address it is given.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOPBACK = "127.0.0.1"
 
 
-def free_port(host="127.0.0.1"):
+def free_port(host=LOOPBACK):
     """A port that was free a moment ago (bind 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -40,6 +44,54 @@ def port_open(host, port):
     except OSError:
         return False
 
+
+def ingest_argv(*args, quiet=False):
+    """`python -m ingest ARGS` with this interpreter; `quiet` adds -W ignore, which keeps
+    eventlet's deprecation banner out of a benchmark's logs."""
+    flags = ["-W", "ignore"] if quiet else []
+    return [sys.executable] + flags + ["-m", "ingest"] + [str(a) for a in args]
+
+
+def pinned(cpu, argv):
+    """`argv` run under `taskset -c cpu`; unchanged when cpu is None or taskset is missing."""
+    if cpu is None or not shutil.which("taskset"):
+        return list(argv)
+    return ["taskset", "-c", str(cpu)] + list(argv)
+
+
+def no_proxy_env():
+    """This environment without proxy variables and with NO_PROXY for loopback, for child
+    processes (node, Chromium) that would otherwise send loopback traffic to a proxy."""
+    env = {k: v for k, v in os.environ.items()
+           if k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
+
+
+# ---- figures from /proc (Linux) ----------------------------------------------------------
+
+def rss_kib(pid):
+    """The resident set size of `pid` in KiB (VmRSS)."""
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS for pid %d" % pid)
+
+
+def open_fds(pid):
+    """How many file descriptors `pid` has open (sockets included)."""
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds `pid` has used so far (OSError once it is gone)."""
+    with open("/proc/%d/stat" % pid) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- processes ---------------------------------------------------------------------------
 
 class Proc:
     """One child process with its stdout/stderr captured to files under `logdir`."""
@@ -80,12 +132,16 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def wait_port(self, host, port, timeout=15.0):
+        """Poll until `host:port` accepts connections.  Fails (AssertionError with the
+        captured output) when the process exits first or the deadline passes; in the
+        second case the process is stopped first, so a failed start leaves nothing behind."""
         deadline = time.monotonic() + timeout
         while not port_open(host, port):
             if not self.alive():
                 raise AssertionError("%s exited with %s before listening:\n%s"
                                      % (self.name, self.popen.returncode, self.output()))
             if time.monotonic() >= deadline:
+                self.stop()
                 raise AssertionError("%s not listening on %s:%s after %.0fs:\n%s"
                                      % (self.name, host, port, timeout, self.output()))
             time.sleep(0.01)  # poll interval
@@ -116,49 +172,51 @@ class Proc:
         return self.popen.returncode
 
 
-def ingest_argv(*args):
-    return [sys.executable, "-m", "ingest"] + [str(a) for a in args]
+class Server:
+    """An `ingest` command listening on a free loopback port (QueueServer, Worker).
+
+    Logs go to `logdir` (default <tmp_path>/logs); `cpu` pins the process to that core
+    (benchmarks); `quiet` passes -W ignore (see ingest_argv).
+    """
+
+    def __init__(self, tmp_path, name, command, args, env=None, cpu=None, quiet=False,
+                 logdir=None):
+        self.host = LOOPBACK
+        self.port = free_port()
+        argv = ingest_argv(command, "--host", self.host, "--port", self.port, *args, quiet=quiet)
+        self.proc = Proc(name, pinned(cpu, argv),
+                         logdir or os.path.join(str(tmp_path), "logs"), env=env)
+
+    def start(self, timeout=15.0):
+        self.proc.start().wait_port(self.host, self.port, timeout)
+        return self
 
 
-class QueueServer:
+class QueueServer(Server):
     """The bundled `ingest queue` on a free loopback port with its own data directory."""
 
-    def __init__(self, tmp_path, sync_ms=0, extra=(), name="queue"):
-        self.host = "127.0.0.1"
-        self.port = free_port()
+    def __init__(self, tmp_path, sync_ms=0, extra=(), name="queue", **options):
         self.data = os.path.join(str(tmp_path), name + "-data")
         os.makedirs(self.data, exist_ok=True)
-        self.proc = Proc(name, ingest_argv("queue", "--host", self.host, "--port", self.port,
-                                           "--data", self.data, "--sync-ms", sync_ms, *extra),
-                         os.path.join(str(tmp_path), "logs"))
+        super().__init__(tmp_path, name, "queue",
+                         ["--data", self.data, "--sync-ms", sync_ms] + list(extra), **options)
 
     @property
     def address(self):
         return "%s:%d" % (self.host, self.port)
-
-    def start(self):
-        self.proc.start().wait_port(self.host, self.port)
-        return self
 
     def restart(self):
         self.proc.kill()
         return self.start()
 
 
-class Worker:
-    """One `ingest serve` on a free loopback port."""
+class Worker(Server):
+    """One `ingest serve` on a free loopback port, writing to the Kestrel servers `kestrel`."""
 
-    def __init__(self, tmp_path, kestrel, extra=(), name="worker", env=None):
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.proc = Proc(name, ingest_argv("serve", "--host", self.host, "--port", self.port,
-                                           "--kestrel", kestrel, *extra),
-                         os.path.join(str(tmp_path), "logs"), env=env)
+    def __init__(self, tmp_path, kestrel, extra=(), name="worker", env=None, **options):
+        super().__init__(tmp_path, name, "serve", ["--kestrel", kestrel] + list(extra),
+                         env=env, **options)
 
     @property
     def url(self):
         return "http://%s:%d" % (self.host, self.port)
-
-    def start(self):
-        self.proc.start().wait_port(self.host, self.port)
-        return self

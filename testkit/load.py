@@ -10,11 +10,11 @@ is exactly what a client may rely on.
 It must only talk to the loopback address it is given, and it must not decide what
 "lost" means: the tests compare its acknowledged set with what landed on the queue.
 """
-import base64
 import http.client
-import json
 import threading
 import time
+
+from testkit.payloads import b64_json
 
 TOKEN = "no-loss-token"
 
@@ -27,9 +27,7 @@ def track_query(insert_ids, event="load", pad=0):
     if pad:
         for r in records:
             r["properties"]["pad"] = "x" * pad
-    data = records[0] if len(records) == 1 else records
-    raw = json.dumps(data, separators=(",", ":")).encode("utf-8")
-    return "data=" + base64.b64encode(raw).decode("ascii")
+    return "data=" + b64_json(records[0] if len(records) == 1 else records)
 
 
 def track_body(insert_ids, event="load", pad=0):
