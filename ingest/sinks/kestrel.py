@@ -3,7 +3,7 @@
 What it must not do: report a batch as taken unless every item was STORED (the client
 raises otherwise), or hide which items were stored (they are never sent twice).
 """
-from ingest.kestrel.client import KestrelError, KestrelUnavailable
+from ingest.kestrel.errors import KestrelError
 from ingest.sinks import SinkUnavailable
 
 
@@ -16,11 +16,10 @@ class KestrelSink:
     def put(self, pairs):
         try:
             self.client.put_many(pairs)
-        except KestrelUnavailable as exc:
+        except KestrelError as exc:
+            # `remaining`: the pairs known not stored (None: assume none was).
             raise SinkUnavailable("no Kestrel server stored the records: %s" % exc,
                                   remaining=exc.remaining) from None
-        except KestrelError as exc:
-            raise SinkUnavailable("no Kestrel server stored the records: %s" % exc) from None
 
     def ready(self):
         """Ready when some Kestrel server answers `version` now (a live check, not a guess)."""
