@@ -32,6 +32,7 @@ class AppState:
         self.draining = False
         self.in_flight = 0
         self.body_bytes = 0        # bodies of the requests in flight, as held (decompressed)
+        self.body_bytes_done = 0   # bodies of the requests answered, all together
         self.accept_errors = 0     # accept() failures the server survived (EMFILE...)
 
 
@@ -58,6 +59,7 @@ class Charge:
 
     def release(self):
         self.state.body_bytes -= self.held
+        self.state.body_bytes_done += self.held
         self.held = 0
 
 

@@ -33,12 +33,16 @@ Crash points, in the order things happen for a segment:
    and is removed when a Forwarder starts.  (Deleting the `.pos` first would risk a
    whole segment sent twice; deleting the segment first risks nothing.)
 
-Dead letters: Kestrel's NOT_STORED means "queue full" or "item too large" and the
-protocol does not say which.  A record is a dead letter only when every server of the
-cluster answered (none failed or was skipped) and refused it, and either (a) on two
-attempts in a row, the first of which showed that its queue takes other records (a later
-record of the same queue in the same pipelined write was STORED), or (b) on every
-attempt for `dead_letter_s` seconds.  An outage never makes a dead letter.
+Refused records: Kestrel's NOT_STORED means "queue full" or "item too large" and the
+protocol does not say which.  A record every server of the cluster answered NOT_STORED
+for (none failed or was skipped: that would be an outage) does not hold up the others:
+forwarding goes on with the batches and segments after it, and its segment stays (its
+progress not saved past it) until it is resolved.  It becomes a dead letter when it is
+refused again after records of its queue were STORED since its first refusal, all of
+them smaller than it (the queue takes records, just not this one: too large); or when it
+has been refused on every attempt for `dead_letter_s` seconds.  An outage never makes a
+dead letter, and a queue that took a record at least as large as a refused one is full,
+not too small: that record waits (or reaches `dead_letter_s`).
 """
 import logging
 import os
@@ -52,6 +56,10 @@ from ingest.sinks.spool import SEGMENT_RE
 
 log = logging.getLogger("ingest.spool")
 POS_TAG = "ingest-spool-pos 2"
+
+
+# What forwarding a batch or a segment came to.
+DONE, HELD, FAILED = "done", "held", "failed"
 
 
 class Forwarder:
@@ -68,9 +76,10 @@ class Forwarder:
         self.forwarded = 0
         self.stopping = False
         self.stopped = False
-        self._unstored = {}      # (segment, batch offset) -> the part Kestrel did not store
-        self._refused = {}       # (segment, batch offset) -> (refused since, {id(pair)})
+        self._unstored = {}      # (segment, batch offset) -> what is not stored yet ([]: done)
+        self._held = set()       # segments left with refused records by the last pass
         self._kept_aside = set()  # (segment, offset) of damage already copied and counted
+        self._refusals = Refusals(clock, dead_letter_s)
         remove_stale_progress(spool.dir)
 
     def pending(self):
@@ -78,14 +87,23 @@ class Forwarder:
 
     def forward_once(self):
         """Forward every closed segment (sealing the active one first when it is the only
-        one with data).  True when all of them went through, False when Kestrel refused
-        (try again later); records appended meanwhile wait for the next call."""
-        if not self.spool.closed_segments():
+        one with data, or the others are held by refused records).  True when all of them
+        went through, False when Kestrel failed or refused some (try again later);
+        records appended meanwhile wait for the next call."""
+        closed = self.spool.closed_segments()
+        if not closed or set(closed) <= self._held:
             self.spool.seal_active()
+        held = set()
         for seq in self.spool.closed_segments():
-            if not self._forward_segment(seq):
+            outcome = self._forward_segment(seq)
+            if outcome is FAILED:
                 return False
-        return True
+            if outcome is HELD:
+                held.add(seq)
+        self._held = held
+        if not held:
+            self._refusals.clear()
+        return not held
 
     def _forward_segment(self, seq):
         path = self.spool.path(seq)
@@ -93,31 +111,42 @@ class Forwarder:
             data = fh.read()
         segment = frames.open_segment(data)
         progress = Progress(path + ".pos", segment, data)
-        if not segment.empty and not self._deliver(seq, path, data, segment, progress):
-            return False
+        outcome = DONE if segment.empty else self._deliver(seq, path, data, segment, progress)
+        if outcome is not DONE:
+            return outcome
         os.unlink(path)                      # crash point 4: the segment first,
         progress.remove()                    # then its progress
         self.spool.forgot(seq, len(data))
-        return True
+        for key in [k for k in self._unstored if k[0] == seq]:
+            del self._unstored[key]
+        return DONE
 
     def _deliver(self, seq, path, data, segment, progress):
-        """Send every frame from the saved progress on, in batches; keep damage aside."""
+        """Send every frame from the saved progress on, in batches; keep damage aside.
+        Progress is saved after each batch, until a batch is held by refused records."""
         start = progress.start()
-        batch, batch_start = [], start
+        batch, batch_start, outcome = [], start, DONE
         for event in frames.scan(data, start, segment.version):
             if event[0] is frames.FRAME:
                 batch.append((event[2], event[3]))
                 if len(batch) >= self.batch_records:
-                    if not self._send(batch, (seq, batch_start), path):
-                        return False
-                    progress.save(event[1])
+                    sent = self._send(batch, (seq, batch_start), path)
+                    if sent is FAILED:
+                        return FAILED
+                    if sent is HELD:
+                        outcome = HELD
+                    elif outcome is DONE:
+                        progress.save(event[1])
                     batch, batch_start = [], event[1]
             elif event[0] is frames.DAMAGED:
                 self._keep_aside(seq, path, data, event[1], event[2], event[3], segment)
             else:
                 log.warning("%s: dropped a torn tail at byte %d of %d (a write cut short by"
                             " a crash; never acknowledged)", path, event[1], len(data))
-        return not batch or self._send(batch, (seq, batch_start), path)
+        if batch:
+            sent = self._send(batch, (seq, batch_start), path)
+            outcome = sent if sent is not DONE else outcome
+        return outcome
 
     def _keep_aside(self, seq, path, data, begin, end, count, segment):
         """Copy unreadable bytes to `<segment>@<offset>.damaged`, log and count them."""
@@ -135,48 +164,42 @@ class Forwarder:
                   why, os.path.basename(target))
 
     def _send(self, batch, key, path):
-        """put_many the batch that starts at `key` (segment, offset).  When Kestrel
-        stored part of it before failing, only what it did not store is sent next time
-        (else every retry would store the stored part again)."""
+        """put_many the batch that starts at `key` (segment, offset): DONE, HELD (every
+        server refused some: they wait, see the module docstring) or FAILED.  What
+        Kestrel stored is never sent again (else every retry would store it again)."""
         pending = self._unstored.get(key, batch)
+        if not pending:
+            return DONE                      # stored on an earlier pass
         try:
             self.put_many(pending)
         except SinkUnavailable as exc:
             remaining = pending if exc.remaining is None else list(exc.remaining)
-            self.forwarded += len(pending) - len(remaining)
-            if exc.refused:
-                dead = self._judge(key, pending, remaining)
-                if dead:
-                    self._dead_letter(dead, key, path)
-                    dead_ids = {id(pair) for pair in dead}
-                    remaining = [pair for pair in remaining if id(pair) not in dead_ids]
-            else:
-                since, evidence = self._refused.get(key, (None, set()))
-                self._refused[key] = (None, evidence)     # an outage restarts the clock
-            if remaining:
+            stored = self._stored_part(pending, remaining)
+            if not exc.refused:
+                self._refusals.outage(key)
                 self._unstored[key] = remaining
-                return False
+                return FAILED
+            dead = self._refusals.judge(key, remaining)
+            self._refusals.stored(stored)
+            if dead:
+                self._dead_letter(dead, key, path)
+                dead_ids = {id(pair) for pair in dead}
+                remaining = [pair for pair in remaining if id(pair) not in dead_ids]
+            self._unstored[key] = remaining
+            return HELD if remaining else DONE
         except Exception as exc:  # a client error must not kill the forwarder
             log.warning("forwarding failed: %s", exc)
-            return False
-        else:
-            self.forwarded += len(pending)
-        self._unstored.pop(key, None)
-        self._refused.pop(key, None)
-        return True
+            return FAILED
+        self._stored_part(pending, ())
+        self._refusals.stored(pending)
+        self._unstored[key] = []
+        return DONE
 
-    def _judge(self, key, pending, remaining):
-        """The refused records of `remaining` that are dead letters now (see the module
-        docstring): evidence from an earlier attempt, or refused for dead_letter_s."""
-        now = self.clock()
-        since, evidence = self._refused.get(key, (None, set()))
-        since = now if since is None else since
-        if self.dead_letter_s and now - since >= self.dead_letter_s:
-            dead = list(remaining)
-        else:
-            dead = [pair for pair in remaining if id(pair) in evidence]
-        self._refused[key] = (since, evidence | refused_alone(pending, remaining))
-        return dead
+    def _stored_part(self, pending, remaining):
+        unstored = {id(pair) for pair in remaining}
+        stored = [pair for pair in pending if id(pair) not in unstored]
+        self.forwarded += len(stored)
+        return stored
 
     def _dead_letter(self, dead, key, path):
         target = "%s@%d.%s.dead" % (path, key[1], os.urandom(4).hex())
@@ -232,18 +255,53 @@ class Forwarder:
                     time.sleep(tick_s)
 
 
-def refused_alone(pending, remaining):
-    """ids of the refused pairs that a later pair of the same queue was STORED after, in
-    the same write: the queue took records, so the refusal is about this record."""
-    unstored = {id(pair) for pair in remaining}
-    stored_queues, out = set(), set()
-    for pair in reversed(pending):
-        if id(pair) in unstored:
-            if pair[0] in stored_queues:
-                out.add(id(pair))
-        else:
-            stored_queues.add(pair[0])
-    return out
+class Refusals:
+    """What the forwarder knows about records every server refused (module docstring).
+
+    Per queue with refused records: how many of its records were STORED since the first
+    refusal, and the largest of them.  Per batch: since when it has been refused."""
+
+    def __init__(self, clock, dead_letter_s):
+        self.clock = clock
+        self.dead_letter_s = dead_letter_s
+        self.queues = {}         # queue -> [records stored since, largest stored]
+        self.seen = set()        # id() of pairs refused before
+        self.since = {}          # batch key -> first refusal (monotonic seconds)
+
+    def judge(self, key, remaining):
+        """The refused pairs of `remaining` that are dead letters now."""
+        now = self.clock()
+        since = self.since.setdefault(key, now)
+        if self.dead_letter_s and now - since >= self.dead_letter_s:
+            return list(remaining)
+        dead = []
+        for pair in remaining:
+            queue = self.queues.get(pair[0])
+            if queue is None:
+                self.queues[pair[0]] = [0, 0]
+            elif id(pair) in self.seen and queue[0] and queue[1] < len(pair[1]):
+                dead.append(pair)
+            self.seen.add(id(pair))
+        return dead
+
+    def stored(self, pairs):
+        """Note records STORED (evidence that their queue takes records of that size)."""
+        if not self.queues:
+            return
+        for queue, payload in pairs:
+            seen = self.queues.get(queue)
+            if seen is not None:
+                seen[0] += 1
+                seen[1] = max(seen[1], len(payload))
+
+    def outage(self, key):
+        """A failure that was not a refusal: the clock of `key` starts again."""
+        self.since.pop(key, None)
+
+    def clear(self):
+        self.queues.clear()
+        self.seen.clear()
+        self.since.clear()
 
 
 class Progress:

@@ -10,7 +10,7 @@ import pytest
 
 from ingest.sinks import SinkUnavailable, frames
 from ingest.sinks.fallback import SpoolingSink
-from ingest.sinks.forwarder import Forwarder, refused_alone
+from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.frames import DAMAGED, FRAME, SEGMENT_HEADER_BYTES, TORN, encode_frame
 from ingest.sinks.memory import MemorySink
 from ingest.sinks.spool import Spool
@@ -186,7 +186,7 @@ def test_progress_of_another_segment_is_never_applied(spool_dir):
     forwarder = Forwarder(spool, once_then_down, batch_records=4)
     assert not forwarder.forward_once()                # 4 of the first segment, then down
     os.replace(spool.path(first) + ".pos", spool.path(second) + ".pos")
-    forwarder.put_many = put
+    forwarder = Forwarder(spool, put)                  # as after a restart
     assert forwarder.forward_once()
     assert put.stored[:4] == pairs(4)
     assert sorted(put.stored[4:]) == sorted(pairs(20))  # nothing skipped in the second
@@ -280,10 +280,64 @@ def test_an_outage_never_makes_a_dead_letter(spool_dir):
     spool.close()
 
 
-def test_refused_alone_needs_a_later_record_of_the_same_queue_stored():
-    a1, b1, a2, a3 = ("a", b"1"), ("b", b"1"), ("a", b"2"), ("a", b"3")
-    assert refused_alone([a1, b1, a2, a3], [a1, a3]) == {id(a1)}
-    assert refused_alone([a1, b1], [a1]) == set()      # only another queue was stored
+def test_a_refused_record_alone_in_its_segment_does_not_hold_up_the_next(spool_dir):
+    spool = Spool(spool_dir, segment_bytes=1)          # one segment per append
+    big = ("events", b'{"big":"' + b"x" * 500 + b'"}')
+    spool.append([big])
+    spool.append(pairs(20))
+    spool.seal_active()
+    put = Put(limit=100)
+    forwarder = Forwarder(spool, put, dead_letter_s=0)
+    assert not forwarder.forward_once()                # the big one held, the rest sent
+    assert put.stored == pairs(20) and len(spool.closed_segments()) == 1
+    assert forwarder.forward_once()                    # refused again: a dead letter
+    assert spool.dead_letters == 1 and spool.closed_segments() == []
+    spool.close()
+
+
+def test_a_full_queue_is_not_mistaken_for_a_too_large_record(spool_dir):
+    """Every record of `full` is refused; `other` drains meanwhile; nothing of `full`
+    becomes a dead letter, and once there is room it is all delivered."""
+    spool, _ = sealed(spool_dir, pairs(5, queue="full") + pairs(5, queue="other"))
+    put = Put()
+
+    def refuse_full(batch):
+        if put.down:
+            raise SinkUnavailable("down", remaining=list(batch))
+        refused = [p for p in batch if p[0] == "full"]
+        put.stored.extend(p for p in batch if p[0] != "full")
+        if refused:
+            raise SinkUnavailable("NOT_STORED", remaining=refused, refused=True)
+
+    forwarder = Forwarder(spool, refuse_full, dead_letter_s=0)
+    for _ in range(4):
+        assert not forwarder.forward_once()
+    assert put.stored == pairs(5, queue="other") and spool.dead_letters == 0
+    forwarder.put_many = put
+    assert forwarder.forward_once()
+    assert put.stored == pairs(5, queue="other") + pairs(5, queue="full")
+    spool.close()
+
+
+def test_a_queue_that_took_a_larger_record_is_full_not_too_small(spool_dir):
+    small, large = ("events", b"s" * 50), ("events", b"L" * 80)
+    spool, _ = sealed(spool_dir, [small, large])
+    put = Put()
+    answers = iter([[small], [small], [small]])       # `small` refused, `large` stored
+
+    def refuse_small(batch):
+        refused = [p for p in batch if p in next(answers, [])]
+        put.stored.extend(p for p in batch if p not in refused)
+        if refused:
+            raise SinkUnavailable("NOT_STORED", remaining=refused, refused=True)
+
+    forwarder = Forwarder(spool, refuse_small, dead_letter_s=0)
+    assert not forwarder.forward_once()
+    assert not forwarder.forward_once()                # evidence says "full": it waits
+    assert spool.dead_letters == 0
+    assert forwarder.forward_once()                    # room again
+    assert put.stored == [large, small]
+    spool.close()
 
 
 # ---- a failing disk ---------------------------------------------------------------------------
