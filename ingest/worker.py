@@ -365,11 +365,12 @@ def supervise(flags, server, router, memory=None):
 class MemoryReturner:
     """Gives freed memory back to the system once the worker is idle after big bodies.
 
-    PERF: after 80 concurrent 7 MB-inflating gzip requests the worker's RSS stayed at
-    139 MB (from 40 MB at start) once every answer was sent: glibc keeps freed heap
+    PERF: after a burst of 80 gzip requests inflating to 4-8 MB each, RSS stayed at
+    141-146 MB (39 MB at start) once every answer was sent: glibc keeps freed heap
     pages.  malloc_trim(0) when nothing is in flight and TRIM_AFTER_BYTES of bodies
-    were handled since the last trim brings it back (docs/benchmarks.md); it takes a
-    few ms, and never runs while requests are being served."""
+    were handled since the last trim brought it to 56-60 MB within a second
+    (docs/benchmarks.md, "Memory under gzip bodies"); it never runs while requests are
+    being served."""
 
     TRIM_AFTER_BYTES = 16 * 1024 * 1024
 
