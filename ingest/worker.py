@@ -126,7 +126,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         the app calls to close the connection instead of reading an unread body."""
         env = super().get_environ()
         budget = env.get("ingest.body_timeout_s")
-        if budget:
+        if budget and ("CONTENT_LENGTH" in env or "HTTP_TRANSFER_ENCODING" in env):
             env["wsgi.input"] = DeadlineInput(env["wsgi.input"], budget, self)
         env["ingest.close"] = self.close_after_answer
         return env

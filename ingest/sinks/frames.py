@@ -37,6 +37,7 @@ and the scan resynchronises by trying every later offset for a frame whose CRC m
 What it must not do: trust a length it has not checked, or call a range torn unless it
 is provably the start of a single frame cut off by the end of the file.
 """
+import dataclasses
 import struct
 import zlib
 
@@ -67,6 +68,7 @@ def encode_frame(queue, payload):
     return pre + _CRC.pack(zlib.crc32(pre)) + q + payload
 
 
+@dataclasses.dataclass(frozen=True)
 class Segment:
     """What the start of a segment file says about it.
 
@@ -74,14 +76,11 @@ class Segment:
     otherwise); `body` the offset of the first frame; `empty` when the file holds no
     frame at all (a crash right after it was created)."""
 
-    __slots__ = ("version", "seq", "segment_id", "body", "empty")
-
-    def __init__(self, version, seq=None, segment_id=None, body=0, empty=False):
-        self.version = version
-        self.seq = seq
-        self.segment_id = segment_id
-        self.body = body
-        self.empty = empty
+    version: int
+    seq: int = None
+    segment_id: bytes = None
+    body: int = 0
+    empty: bool = False
 
     @property
     def identity(self):

@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import resource
-import socket
 import subprocess
 import threading
 import time
@@ -29,24 +28,15 @@ from testkit.load import Load, track_body, track_query
 from testkit.procs import QueueServer, Worker, ingest_argv, open_fds, rss_kib, wait_until
 from testkit.rawhttp import closed_by_peer, connect, read_response, request
 
-from .test_no_loss import FAST, check_no_loss, collect, http_get, segments
+from .test_no_loss import (FAST, check_no_loss, collect, http_get, procs,  # noqa: F401
+                           segments, start_queue)
 
 MiB = 1024 * 1024
 SYNC, OLD_HEADER, NEW_HEADER = b"\xfe\xffSF", 10, 18   # the two frame formats' headers
 
 
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for p in started:
-        p.stop(timeout=5)
-
-
 def queue_server(procs, tmp_path, **kw):
-    q = QueueServer(tmp_path, sync_ms=100, **kw)
-    procs.append(q.proc)
-    return q
+    return start_queue(procs, tmp_path, sync_ms=100, **kw)
 
 
 def worker(procs, tmp_path, kestrel, spool_dir=None, extra=(), env=None, name="worker"):
@@ -208,7 +198,8 @@ def test_trickled_bodies_hold_no_budget_and_time_out(tmp_path, procs):
         for sock in slow:
             resp, _ = read_response(sock)
             assert resp.status == 408, resp
-            waited, _ = closed_by_peer(sock, timeout=5)
+            waited, rest = closed_by_peer(sock, timeout=5)
+            assert rest == b"" and waited < 2, (waited, rest)       # and closed
         assert time.monotonic() - started < 8
     finally:
         for sock in slow:

@@ -46,12 +46,12 @@ class Put:
             raise SinkUnavailable("NOT_STORED", remaining=refused, refused=True)
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+def clock_at(now):
+    """A clock for the forwarder and the spool: `clock.now` is what it says."""
+    def clock():
+        return clock.now
+    clock.now = now
+    return clock
 
 
 @pytest.fixture
@@ -253,7 +253,7 @@ def test_a_record_every_server_refuses_becomes_a_dead_letter_and_the_rest_drains
 
 def test_a_lone_refused_record_becomes_a_dead_letter_after_dead_letter_s(spool_dir):
     spool, _ = sealed(spool_dir, [("events", b"x" * 500)])
-    clock = Clock()
+    clock = clock_at(1000.0)
     forwarder = Forwarder(spool, Put(limit=100), dead_letter_s=60, clock=clock)
     assert not forwarder.forward_once()
     clock.now += 59
@@ -266,7 +266,7 @@ def test_a_lone_refused_record_becomes_a_dead_letter_after_dead_letter_s(spool_d
 
 def test_an_outage_never_makes_a_dead_letter(spool_dir):
     spool, _ = sealed(spool_dir, pairs(5))
-    clock = Clock()
+    clock = clock_at(1000.0)
     put = Put()
     put.down = True
     forwarder = Forwarder(spool, put, dead_letter_s=1, clock=clock)
@@ -344,7 +344,7 @@ def test_a_queue_that_took_a_larger_record_is_full_not_too_small(spool_dir):
 
 def test_ready_says_so_while_the_spool_cannot_write_and_recovers(spool_dir, monkeypatch):
     from ingest.sinks import spool as spool_module
-    clock = Clock()
+    clock = clock_at(1000.0)
     primary = MemorySink()
     primary.failing = True
     spool = Spool(spool_dir, clock=clock)
