@@ -52,6 +52,11 @@ def forward(spool_dir, address, *extra):
                                       *extra), capture_output=True, timeout=60)
 
 
+def read(path):
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def length_high_byte(data, marker, queue=b"events"):
     """Offset of the high byte of the payload length of the frame whose payload holds
     `marker`, in either frame format (format 2 starts its frames with a sync marker)."""
@@ -75,7 +80,7 @@ def test_a_flipped_length_byte_loses_one_record_not_the_rest(tmp_path, procs):
     assert w.proc.stop() == 0
     victim = result.acked[100]
     (path,) = [p for p in (os.path.join(spool_dir, n) for n in segments(spool_dir))
-               if victim.encode() in open(p, "rb").read()]
+               if victim.encode() in read(p)]
     with open(path, "r+b") as fh:
         data = fh.read()
         at = length_high_byte(data, victim.encode())
@@ -234,7 +239,7 @@ def test_out_of_file_descriptors_the_worker_keeps_serving(tmp_path, procs):
             held.append(sock)
         served = [read_response(sock)[0].status for sock in held[:3]]
         assert served == [200] * 3
-        wait_until(lambda: b"Too many open files" in open(w.proc.err_path, "rb").read(),
+        wait_until(lambda: b"Too many open files" in read(w.proc.err_path),
                    timeout=5, message="a log line about the descriptor limit")
         for sock in held[:3]:               # free descriptors: the waiting ones get in
             sock.close()
