@@ -50,6 +50,11 @@ def build_parser():
     fw = spsub.add_parser("forward", help="forward a spool directory to Kestrel and empty it")
     fw.add_argument("dir")
     _add_kestrel(fw)
+    fw.add_argument("--dead-letter-s", type=float, default=600.0,
+                    help="a record every server refuses this long becomes a dead letter"
+                         " (0 = only when its queue takes other records)")
+    fw.add_argument("--dead-letters", action="store_true",
+                    help="first put the dead letters back into the spool, to send again")
     return parser
 
 
@@ -98,7 +103,9 @@ def main(argv=None):
     if args.command == "spool":
         configure_logging()
         from ingest.commands import spool_forward
-        return spool_forward.forward(args.dir, kestrel_servers(args.kestrel))
+        return spool_forward.forward(args.dir, kestrel_servers(args.kestrel),
+                                     dead_letter_s=args.dead_letter_s,
+                                     requeue_dead=args.dead_letters)
     return 2
 
 

@@ -6,9 +6,16 @@ ingest/queue/); monkey patching has already happened in cli.py.  Signal handlers
 main green thread acts on them: SIGHUP reloads the routing table off the request path
 (in a native thread via tpool), SIGTERM/SIGINT drain: /ready turns 503, the listening
 socket closes, in-flight requests get up to `drain_s` to finish, then the process exits 0.
+
+Running out of file descriptors is survived: accept() failing with EMFILE/ENFILE (which
+eventlet's server would take as the end of its loop) is logged and retried with
+back-off while open connections keep being served (PatientListener).  If the server's
+loop ends for any other reason than a stop, the process exits 1, never 0.
 """
+import errno
 import gc
 import logging
+import resource
 import signal
 import time
 
@@ -114,6 +121,122 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
             return False
         return True
 
+    def get_environ(self):
+        """eventlet's environ, with the whole-body deadline on wsgi.input and the hook
+        the app calls to close the connection instead of reading an unread body."""
+        env = super().get_environ()
+        budget = env.get("ingest.body_timeout_s")
+        if budget and ("CONTENT_LENGTH" in env or "HTTP_TRANSFER_ENCODING" in env):
+            env["wsgi.input"] = DeadlineInput(env["wsgi.input"], budget, self)
+        env["ingest.close"] = self.close_after_answer
+        return env
+
+    def close_after_answer(self):
+        self.close_connection = 1
+
+
+class DeadlineInput:
+    """wsgi.input with one deadline for the whole body.
+
+    The socket timeout bounds each read only, so a client sending a byte every few
+    seconds would hold its request (and its connection) for as long as it likes; here
+    the body as a whole must arrive within `seconds` of the headers, else TimeoutError
+    (the app answers 408) and the connection is closed."""
+
+    def __init__(self, raw, seconds, protocol):
+        self.raw = raw
+        self.deadline = time.monotonic() + seconds
+        self.protocol = protocol
+
+    def _within(self, method, *args):
+        left = self.deadline - time.monotonic()
+        expired = TimeoutError("request body not received in time")
+        if left <= 0:
+            self.protocol.close_after_answer()
+            raise expired
+        try:
+            with eventlet.Timeout(left, expired):
+                return method(*args)
+        except OSError:
+            self.protocol.close_after_answer()   # what is left of the body is unknown
+            raise
+
+    def read(self, *args):
+        return self._within(self.raw.read, *args)
+
+    def readline(self, *args):
+        return self._within(self.raw.readline, *args)
+
+    def __iter__(self):
+        return iter(self.read, b"")
+
+
+# accept() errors that mean "no descriptor (or memory) for a new connection now".
+_RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+class PatientListener:
+    """The listening socket, with an accept() that survives running out of descriptors.
+
+    eventlet's server loop re-raises an EMFILE from accept() and ends (the process would
+    then exit).  Here the failure is counted, logged (at most every LOG_EVERY_S) and
+    retried after a back-off that doubles from MIN_WAIT_S to MAX_WAIT_S; meanwhile the
+    connections already open keep being served and may free descriptors.  Everything
+    else is the socket's own."""
+
+    MIN_WAIT_S, MAX_WAIT_S, LOG_EVERY_S = 0.01, 1.0, 10.0
+
+    def __init__(self, sock, state):
+        self._sock = sock
+        self._state = state
+        self._logged_at = None
+
+    def accept(self):
+        wait = self.MIN_WAIT_S
+        while True:
+            try:
+                return self._sock.accept()
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                self._state.accept_errors += 1
+                self._log(exc, wait)
+            eventlet.sleep(wait)
+            wait = min(wait * 2, self.MAX_WAIT_S)
+
+    def _log(self, exc, wait):
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= self.LOG_EVERY_S:
+            self._logged_at = now
+            log.error("cannot accept a connection: %s (descriptor limit %d; %d accept"
+                      " failures so far); open connections are still served, retrying in"
+                      " %.2fs", exc.strerror or exc, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                      self._state.accept_errors, wait)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+# Descriptors a worker needs besides its client connections: the listening socket, the
+# spool, logs, eventlet's hub and tpool pipes, DNS, a margin.
+_BASE_FDS = 64
+
+
+def descriptor_warning(settings, limits=None):
+    """A warning when --max-connections (plus the Kestrel pool and a base) does not fit
+    the soft RLIMIT_NOFILE; None when it does."""
+    soft, hard = limits or resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = settings.max_connections + settings.kestrel_pool_size * len(settings.kestrel) + \
+        _BASE_FDS
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    return ("--max-connections %d needs about %d file descriptors (with %d per Kestrel server"
+            " and %d for the worker itself), but the limit is %d (hard %s): new connections"
+            " will wait while accept() fails with 'Too many open files'.  Raise the limit"
+            " (ulimit -n, supervisord's minfds) or lower --max-connections."
+            % (settings.max_connections, need, settings.kestrel_pool_size, _BASE_FDS, soft,
+               "unlimited" if hard == resource.RLIM_INFINITY else hard))
+
 
 class Flags:
     def __init__(self):
@@ -137,7 +260,8 @@ def build_sink(settings):
     spool = Spool(settings.spool, sync_ms=settings.spool_sync_ms,
                   max_bytes=settings.spool_max_mb * 1024 * 1024,
                   run_blocking=eventlet.tpool.execute)
-    forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0)
+    forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0,
+                          dead_letter_s=settings.spool_dead_letter_s)
     if spool.segments():
         log.info("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
                  spool.size_bytes())
@@ -176,12 +300,15 @@ def serve(settings):
     metrics = Metrics(state=state, router=router, client=client,
                       spool=forwarder.spool if forwarder else None)
     app = make_app(settings, sink, clock=time.time, router=router, state=state, metrics=metrics,
-                   access_log=open_access_log(settings.access_log))
-    sock = listen(settings)
+                   access_log=open_access_log(settings.access_log), pause=eventlet.sleep)
+    warning = descriptor_warning(settings)
+    if warning:
+        log.warning(warning)
+    sock = PatientListener(listen(settings), state)
     flags = watch_signals()
     server = eventlet.spawn(
         eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
-        protocol=IngestProtocol,
+        protocol=IngestProtocol, environ={"ingest.body_timeout_s": settings.body_timeout_s},
         log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
         url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,
         socket_timeout=settings.read_timeout_s or None,
@@ -192,8 +319,12 @@ def serve(settings):
         eventlet.spawn(forwarder.run_syncer)
     tune_gc()
     log.info("listening on http://%s:%d", settings.host, settings.port)
-    supervise(flags, server, router)
+    supervise(flags, server, router, MemoryReturner(state))
+    died = server.dead and not flags.stop
     code = drain(settings, state, server, sock)
+    if died:
+        log.error("the HTTP server stopped on its own (see the error above); exiting 1")
+        code = 1
     if forwarder is not None:
         forwarder.stopping = True
         _wait_for(forwarding, settings.drain_s)   # not mid-segment when the spool closes
@@ -219,14 +350,45 @@ def watch_signals():
     return flags
 
 
-def supervise(flags, server, router):
+def supervise(flags, server, router, memory=None):
     """The main green thread acts on the flags until a stop (or the server died)."""
     while not flags.stop and not server.dead:
         if flags.reload:
             flags.reload = False
             # Parse in a native thread; the swap itself happens back in this green thread.
             eventlet.spawn(router.reload, eventlet.tpool.execute)
+        if memory is not None:
+            memory.tick()
         eventlet.sleep(_TICK_S)
+
+
+class MemoryReturner:
+    """Gives freed memory back to the system once the worker is idle after big bodies.
+
+    PERF: after a burst of 80 gzip requests inflating to 4-8 MB each, RSS stayed at
+    141-146 MB (39 MB at start) once every answer was sent: glibc keeps freed heap
+    pages.  malloc_trim(0) when nothing is in flight and TRIM_AFTER_BYTES of bodies
+    were handled since the last trim brought it to 56-60 MB within a second
+    (docs/benchmarks.md, "Memory under gzip bodies"); it never runs while requests are
+    being served."""
+
+    TRIM_AFTER_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, state):
+        self.state = state
+        self.trimmed_at = 0
+        try:
+            import ctypes
+            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):      # not glibc: nothing to do
+            self.trim = None
+
+    def tick(self):
+        state = self.state
+        if self.trim is not None and not state.in_flight and \
+                state.body_bytes_done - self.trimmed_at >= self.TRIM_AFTER_BYTES:
+            self.trimmed_at = state.body_bytes_done
+            self.trim(0)
 
 
 def drain(settings, state, server, sock):

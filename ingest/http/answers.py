@@ -18,7 +18,7 @@ from ingest.http.request import TRUE
 
 STATUS = {200: "200 OK", 204: "204 No Content", 302: "302 Found", 400: "400 Bad Request",
           401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed",
-          413: "413 Payload Too Large", 414: "414 URI Too Long",
+          408: "408 Request Timeout", 413: "413 Payload Too Large", 414: "414 URI Too Long",
           415: "415 Unsupported Media Type", 431: "431 Request Header Fields Too Large",
           500: "500 Internal Server Error", 503: "503 Service Unavailable"}
 PHRASE = {code: text.split(" ", 1)[1] for code, text in STATUS.items()}

@@ -1,7 +1,8 @@
 """SpoolingSink: the primary sink first; when it cannot take a batch, the spool does.
 
 What it must not do: spool what the primary already stored (only `remaining` goes to
-disk), or report ready when neither side can take records.
+disk), or report ready when neither side can take records (the spool full, or its last
+write failed and a probe of its disk still fails).
 """
 from ingest.sinks import SinkUnavailable
 
@@ -24,6 +25,9 @@ class SpoolingSink:
         ok, why = self.primary.ready()
         if ok:
             return ok, why
-        if not self.spool.full and self.spool.size_bytes() < self.spool.max_bytes:
-            return True, "spooling (%s)" % why
-        return False, "spool full and %s" % why
+        if self.spool.full or self.spool.size_bytes() >= self.spool.max_bytes:
+            return False, "spool full and %s" % why
+        failing = self.spool.check_writable()
+        if failing is not None:
+            return False, "%s and %s" % (failing, why)
+        return True, "spooling (%s)" % why

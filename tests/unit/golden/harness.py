@@ -18,7 +18,7 @@ from ingest.sinks.memory import MemorySink
 
 NOW = 1_800_000_000.123          # the fixed arrival time (2027-01-15) most tests use
 NOW_MS = 1_800_000_000_123
-ALLOWED_STATUSES = {200, 204, 302, 400, 401, 404, 405, 413, 415, 503}
+ALLOWED_STATUSES = {200, 204, 302, 400, 401, 404, 405, 408, 413, 415, 503}
 
 
 def settings(**changes):
