@@ -11,6 +11,7 @@ setup(
     install_requires=[
         "eventlet>=0.41,<0.42",
         "simplejson>=4.3,<5",
+        "msgspec>=0.23,<0.24",
         "prometheus_client>=0.26,<0.27",
         "supervisor>=4.3,<5",
     ],

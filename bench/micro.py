@@ -108,6 +108,18 @@ def bench_app(entries, seconds):
     return pipeline
 
 
+def json_text(data):
+    """The JSON text inside a `data` value (base64 undone), or None when it is not."""
+    from ingest import decode
+    from ingest.errors import IngestError
+    if data.lstrip()[:1] in ("{", "["):
+        return data
+    try:
+        return decode.b64decode(data).decode("utf-8")
+    except (IngestError, UnicodeDecodeError):
+        return None
+
+
 # ==== per-stage timings ==================================================================
 # >>> PER-STAGE TIMINGS: decode / clean / route, per record and per request. <<<
 # Each stage runs over the whole log's worth of inputs, prepared by the stage before it
@@ -116,7 +128,7 @@ def bench_app(entries, seconds):
 # (per record, the default table), encode (cleaned record -> the queue item's bytes).
 def bench_stages(entries, seconds):
     from ingest import clean as cleaning, decode, routing
-    from ingest.encode import to_json as _encode
+    from ingest.encode import _exact, encode_record
     from ingest.errors import IngestError, RecordRejected
     inputs = []
     for env, body in (environ_template(e) for e in entries):
@@ -148,12 +160,16 @@ def bench_stages(entries, seconds):
 
     def decoded(item):
         try:
-            return decode.decode_data(item[1])
+            return decode.decode_records(item[1])
         except IngestError:
-            return []
+            return [], False
 
-    def fresh_records():
-        return [(ep, rec) for ep, d in datas for rec in decoded((ep, d))]
+    def fresh_records(with_plain=False):
+        out = []
+        for ep, d in datas:
+            recs, plain = decoded((ep, d))
+            out += [(ep, rec, plain) if with_plain else (ep, rec) for rec in recs]
+        return out
 
     ctx = cleaning.Context(FIXED_NOW, "203.0.113.9")
     cleaners = {ep: cleaning.cleaner(ep) for ep in ("track", "engage", "groups")}
@@ -178,8 +194,25 @@ def bench_stages(entries, seconds):
     tokens = [(ep, clean_one((ep, rec))) for ep, rec in records]
     tokens = [(ep, tok) for ep, tok in tokens if tok]
     route_s = timed(lambda item: table.route(item[0], item[1], FIXED_NOW), tokens)
-    cleaned = [rec for ep, rec in records if isinstance(rec, dict)]
-    encode_s = timed(lambda rec: _encode(rec).encode("utf-8"), cleaned)
+    # (cleaning mutates in place: `records` above were cleaned by the route stage's setup)
+    cleaned = [(rec, plain) for (ep, rec), (_, _, plain) in
+               zip(records, fresh_records(with_plain=True)) if isinstance(rec, dict)]
+    encode_s = timed(lambda item: encode_record(item[0], 1 << 30, item[1]), cleaned)
+    encode_exact_s = timed(lambda item: _exact(item[0]), cleaned)
+    plain_share = sum(1 for _, plain in cleaned if plain) / max(len(cleaned), 1)
+    texts = [json_text(d) for _, d in datas]
+    texts = [t for t in texts if t is not None]
+
+    def quiet(loads):
+        def run(text):
+            try:
+                return loads(text)
+            except IngestError:
+                return None
+        return run
+
+    json_s = timed(quiet(decode.loads), texts)
+    json_exact_s = timed(quiet(decode.strict_loads), texts)
     per_request = len(records) / max(len(datas), 1)
     return {"requests": len(datas), "records": len(records),
             "records_per_request": round(per_request, 2),
@@ -188,7 +221,12 @@ def bench_stages(entries, seconds):
             "decode_us_per_record": round(decode_s * 1e6 / per_request, 2),
             "clean_us_per_record": round(clean_total / n_clean * 1e6, 2),
             "route_us_per_record": round(route_s * 1e6, 3),
-            "encode_us_per_record": round(encode_s * 1e6, 2)}
+            "encode_us_per_record": round(encode_s * 1e6, 2),
+            # the JSON fast paths against the exact (reference) paths, in the same run
+            "encode_exact_us_per_record": round(encode_exact_s * 1e6, 2),
+            "records_on_fast_json_path": round(plain_share, 3),
+            "json_decode_us_per_record": round(json_s * 1e6 / per_request, 2),
+            "json_decode_exact_us_per_record": round(json_exact_s * 1e6 / per_request, 2)}
 # >>> END PER-STAGE TIMINGS <<<
 
 

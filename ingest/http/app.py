@@ -213,7 +213,7 @@ class App:
         data_chars = len(data) if data else 0
         if data_chars > PAUSE_EVERY_RECORDS * 1000:
             self.pause()
-        records = decode.decode_data(data)
+        records, plain = decode.decode_records(data)
         del data
         limit = self.settings.max_records
         if len(records) > limit:
@@ -223,7 +223,8 @@ class App:
         s = self.settings
         ctx = cleaning.Context(now, ip, s.max_properties, s.max_depth, s.max_string_chars,
                                data_chars)
-        pairs, rejected, accepted = self.route_all(endpoint, records, ctx, table, secret, now)
+        pairs, rejected, accepted = self.route_all(endpoint, records, ctx, table, secret, now,
+                                                   plain)
         environ["ingest.accepted"] = accepted
         environ["ingest.rejected"] = len(rejected)
         if pairs:
@@ -232,10 +233,11 @@ class App:
                 self.metrics.accepted_pairs(endpoint, pairs)
         return accepted, rejected, records
 
-    def route_all(self, endpoint, records, ctx, table, secret, now):
+    def route_all(self, endpoint, records, ctx, table, secret, now, plain=False):
         """Clean, check, route and encode each record: (queue, payload) pairs, the
         rejected (index, RecordRejected) list and how many were accepted (a blocked
-        token's records count as accepted but are not queued)."""
+        token's records count as accepted but are not queued).  `plain`: the records
+        came from decode's fast path (see encode.encode_record)."""
         clean = self.cleaners[endpoint]
         max_record_bytes = self.settings.max_record_bytes
         pairs, rejected, accepted = [], [], 0
@@ -249,7 +251,7 @@ class App:
                     raise RecordRejected("forbidden_token", "properties.token")
                 queue = table.route(endpoint, token, now)
                 if queue is not BLOCKED:
-                    pairs.append((queue, encode_record(record, max_record_bytes)))
+                    pairs.append((queue, encode_record(record, max_record_bytes, plain)))
                 accepted += 1
             except RecordRejected as exc:
                 rejected.append((i, exc))

@@ -1,0 +1,121 @@
+"""The JSON fast paths (msgspec) are only fast: decode.loads and encode.encode_record give
+exactly what the reference paths (simplejson in, the standard library's C encoder out)
+give, on generated values and on the texts where the libraries are known to differ."""
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest import decode, encode
+from ingest.errors import IngestError, RecordRejected
+
+
+def shape(value):
+    """A value with every type made visible (1 and 1.0 and True differ; -0.0 and 0.0
+    differ; NaN equals NaN)."""
+    if isinstance(value, dict):
+        return ("d", [(k, shape(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("l", [shape(v) for v in value])
+    if isinstance(value, float):
+        return ("f", "nan" if math.isnan(value) else value.hex())
+    return (type(value).__name__, value)
+
+
+def outcome(fn, *args):
+    try:
+        return "ok", fn(*args)
+    except (IngestError, RecordRejected) as exc:
+        return "error", exc.reason
+
+
+def same_outcome(fast, exact, text):
+    a, b = outcome(fast, text), outcome(exact, text)
+    return (a[0], shape(a[1]) if a[0] == "ok" else a[1]) == \
+        (b[0], shape(b[1]) if b[0] == "ok" else b[1])
+
+
+floats = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                   st.floats(min_value=-1e-3, max_value=1e-3),
+                   st.builds(lambda m, e: float("%de%d" % (m, e)), st.integers(-999, 999),
+                             st.integers(-330, 310)).filter(math.isfinite))
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), floats,
+                    st.integers(min_value=-10 ** 40, max_value=10 ** 40),
+                    st.text(), st.text(alphabet=st.characters(codec="utf-8")))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=8), inner, max_size=5)),
+    max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_decoding_generated_json_matches_simplejson(value):
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False),
+                 json.dumps(value, separators=(",", ":"), ensure_ascii=False)):
+        assert same_outcome(decode.loads, decode.strict_loads, text)
+
+
+def fast_encode(value):
+    """What the worker does with a record: decode its text, then encode it on the path
+    the decode allows."""
+    text = json.dumps({"event": "e", "properties": {"v": value, "time": 1795662710.123}},
+                      ensure_ascii=False)
+    record, plain = decode.loads_checked(text)
+    return outcome(encode.encode_record, record, 1 << 30, plain), \
+        outcome(encode._exact, record)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_encoding_generated_records_matches_the_c_encoder(value):
+    fast, exact = fast_encode(value)
+    assert fast == exact
+
+
+HOSTILE_TEXTS = [
+    '{"a":%s}' % ("1" * 5000), '{"a":%s}' % ("9" * 4300), '{"a":1e400}', '{"a":-1e400}',
+    '{"a":1e-400}', '{"a":"\\ud800"}', '{"a":"\\udc00x"}', '{"a":"\\ud83d\\ude00"}',
+    '{"a":NaN}', '{"a":Infinity}', '{"a":-Infinity}', '\ufeff{"a":1}', '{"a":1}x',
+    '{"a":"x\ty"}', '{"a":1.}', '{"a":01}', '{"a":.5}', '{"a":[1,]}', '{"a":1,"a":2}',
+    '{"\\u0000":1}', '{"a":4.9e-324}', '{"a":1.7976931348623157e308}', '{"a":-0}',
+    '{"a":-0.0}', '{"a":1E5}', '{"a":1.0E-7}', '[' * 3000 + ']' * 3000, ' [1] ', '',
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXTS, ids=range(len(HOSTILE_TEXTS)))
+def test_decoding_hostile_texts_matches_simplejson(text):
+    assert same_outcome(decode.loads, decode.strict_loads, text)
+
+
+HOSTILE_VALUES = [1e-7, 1e22, 1e16, 1e15, 123456789012345.67, 5e-324, -0.0, float("inf"),
+                  float("-inf"), 2 ** 70, -(2 ** 64), "\ud800", "a\u2028b",
+                  "\x00\x1f\x7f", "null", "nullable", "x:1e5", ":1e5", None, True,
+                  [1e-5, None], {"k": 1e300}]
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES, ids=range(len(HOSTILE_VALUES)))
+def test_encoding_hostile_values_matches_the_c_encoder(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        text = '{"v": %s}' % ("1e400" if value > 0 else "-1e400" if value < 0 else "0")
+        record, plain = decode.loads_checked(text)
+        assert not plain
+        assert outcome(encode.encode_record, record, 1 << 30, plain) == \
+            outcome(encode._exact, record)
+        return
+    fast, exact = fast_encode(value)
+    assert fast == exact
+
+
+def test_plain_records_take_the_fast_path_and_others_the_exact_one():
+    assert decode.loads_checked('{"a":1.5,"b":[2,"x"]}')[1] is True
+    for text in ('{"a":1e-7}', '{"a":0.00001}', '{"a":1e16}', '{"a":"\\ud800"}', '{"a":1e400}'):
+        assert decode.loads_checked(text)[1] is False, text
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_the_size_limit_applies_on_both_paths(plain):
+    with pytest.raises(RecordRejected) as info:
+        encode.encode_record({"event": "e", "properties": {"s": "x" * 100}}, 50, plain)
+    assert info.value.reason == "record_too_large"
