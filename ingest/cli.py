@@ -5,6 +5,8 @@
     ingest consume QUEUE  reliable-read items, one JSON line each
     ingest stats          queue depths, totals and rates per server
     ingest spool forward  empty a spool directory into Kestrel
+    ingest routes check   validate a routes file (the worker's own checks and messages)
+    ingest --version      the version
 
 eventlet's monkey patching happens here and only here, right before a subcommand that
 runs green threads starts; every other module stays importable without eventlet.
@@ -14,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from ingest import config
+from ingest import __version__, config
 
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
@@ -27,6 +29,7 @@ def _add_kestrel(p):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="ingest " + __version__)
     sub = parser.add_subparsers(dest="command", required=True)
     config.WORKER.add_arguments(sub.add_parser(
         "serve", help="run one HTTP ingestion worker (eventlet raw WSGI)"))
@@ -50,6 +53,12 @@ def build_parser():
     fw = spsub.add_parser("forward", help="forward a spool directory to Kestrel and empty it")
     fw.add_argument("dir")
     _add_kestrel(fw)
+
+    rt = sub.add_parser("routes", help="routes file tools")
+    rtsub = rt.add_subparsers(dest="routes_command", required=True)
+    ck = rtsub.add_parser("check", help="validate a routes file as a worker would, before"
+                                        " installing it")
+    ck.add_argument("file")
     return parser
 
 
@@ -99,6 +108,9 @@ def main(argv=None):
         configure_logging()
         from ingest.commands import spool_forward
         return spool_forward.forward(args.dir, kestrel_servers(args.kestrel))
+    if args.command == "routes":
+        from ingest.commands import routes_check
+        return routes_check.check(args.file)
     return 2
 
 
