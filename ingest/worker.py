@@ -1,5 +1,11 @@
 """`ingest serve`: the eventlet raw-WSGI bootstrap of one worker: the HTTP protocol
-seam, socket options, signals, graceful drain.
+seam, socket options, signals, graceful drain, start-up.
+
+Start-up failures an operator can cause (the port taken, a spool or log path that cannot
+be written, a bad routes file with no last good copy) end the process with one line on
+stderr saying what and where, and exit status 1; never a traceback.  /health answers the
+worker's identity (slot, port, pid and a per-start instance id), so a launcher can tell
+this worker from any other listener on its port.
 
 One of the two places that touch eventlet (the other is the bundled queue server,
 ingest/queue/); monkey patching has already happened in cli.py.  Signal handlers only set flags; the
@@ -9,6 +15,7 @@ socket closes, in-flight requests get up to `drain_s` to finish, then the proces
 """
 import gc
 import logging
+import os
 import signal
 import time
 
@@ -17,7 +24,7 @@ import eventlet.event
 import eventlet.tpool
 import eventlet.wsgi
 
-from ingest import errors
+from ingest import __version__, errors
 from ingest.http import make_app
 from ingest.http.access_log import open_access_log
 from ingest.http.answers import json_body
@@ -25,11 +32,13 @@ from ingest.http.app import AppState
 from ingest.kestrel.client import Client
 from ingest.metrics import Metrics
 from ingest.routing import Router, RoutesError
+from ingest.routing.last_good import LastGoodRoutes
 from ingest.sinks.batching import BatchingSink
 from ingest.sinks.fallback import SpoolingSink
 from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.kestrel import KestrelSink
 from ingest.sinks.spool import Spool
+from ingest.sinks.spool_log import SpoolNotices
 
 log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.
@@ -112,6 +121,13 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         if coding is not None and coding.strip().lower() != "chunked":
             self.send_error(400)
             return False
+        if self.server.app.state.draining:
+            # A request read after SIGTERM, on a kept-alive connection: close without an
+            # answer.  Nothing was stored, so nginx sends it to another worker
+            # (proxy_next_upstream error ... non_idempotent); a 503 would reach the client
+            # as a failure.  Requests already in the app finish and are answered.
+            self.close_connection = 1
+            return False
         return True
 
 
@@ -137,11 +153,13 @@ def build_sink(settings):
     spool = Spool(settings.spool, sync_ms=settings.spool_sync_ms,
                   max_bytes=settings.spool_max_mb * 1024 * 1024,
                   run_blocking=eventlet.tpool.execute)
-    forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0)
+    notices = SpoolNotices(spool)
+    forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0,
+                          notices=notices)
     if spool.segments():
-        log.info("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
-                 spool.size_bytes())
-    return SpoolingSink(batched, spool), client, forwarder
+        log.warning("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
+                    spool.size_bytes())
+    return SpoolingSink(batched, spool, notices), client, forwarder
 
 
 def tune_gc():
@@ -158,25 +176,82 @@ def tune_gc():
 
 
 def listen(settings):
-    sock = eventlet.listen((settings.host, settings.port), backlog=2048,
-                           reuse_port=settings.reuse_port)
-    return sock
+    try:
+        return eventlet.listen((settings.host, settings.port), backlog=2048,
+                               reuse_port=settings.reuse_port)
+    except OSError as exc:
+        raise SystemExit("ingest serve: cannot listen on %s:%d: %s"
+                         % (settings.host, settings.port, exc.strerror or exc)) from None
+
+
+def open_spool_sink(settings):
+    """build_sink, with a spool directory that cannot be created, locked or written
+    ending the program in one line."""
+    if settings.spool:
+        try:
+            os.makedirs(settings.spool, exist_ok=True)
+            probe = os.path.join(settings.spool, ".write-probe-%d" % os.getpid())
+            with open(probe, "wb") as fh:
+                fh.write(b"ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise SystemExit("ingest serve: spool directory %s is not writable: %s"
+                             % (settings.spool, exc.strerror or exc)) from None
+    try:
+        return build_sink(settings)
+    except OSError as exc:
+        raise SystemExit("ingest serve: spool directory %s: %s"
+                         % (settings.spool, exc.strerror or exc)) from None
+
+
+def load_routes(settings):
+    """The Router; with a spool, the last good routes file is kept beside it and used
+    when the routes file is refused at start.  Without a usable table: one line, exit."""
+    keeper = LastGoodRoutes(settings.spool) if settings.spool and settings.routes else None
+    loader = keeper.load if keeper is not None else None
+    try:
+        return Router(settings.routes, log=log, loader=loader)
+    except RoutesError as exc:
+        if keeper is None:
+            raise SystemExit("ingest serve: bad routes file: %s" % exc) from None
+        try:
+            table, reason = keeper.fallback(exc)
+        except RoutesError as no_fallback:
+            raise SystemExit("ingest serve: bad routes file: %s" % no_fallback) from None
+    router = Router(settings.routes, log=log, loader=loader, table=table)
+    router.stale = reason
+    log.error("routes: %s; fix the file, check it with `ingest routes check %s`, then"
+              " SIGHUP", reason, settings.routes)
+    return router
+
+
+def open_log(settings):
+    try:
+        return open_access_log(settings.access_log)
+    except OSError as exc:
+        raise SystemExit("ingest serve: cannot open access log %s: %s"
+                         % (settings.access_log, exc.strerror or exc)) from None
+
+
+def identity(settings):
+    """What /health answers: which worker this is, and a per-start instance id."""
+    return {"status": "ok", "service": "ingest", "version": __version__,
+            "slot": settings.slot, "port": settings.port, "pid": os.getpid(),
+            "instance": os.urandom(8).hex()}
 
 
 def serve(settings):
     log.info("settings: %s", settings.describe())
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
     eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
-    try:
-        router = Router(settings.routes, log=log)
-    except RoutesError as exc:
-        raise SystemExit("ingest serve: bad routes file: %s" % exc)
-    sink, client, forwarder = build_sink(settings)
+    sink, client, forwarder = open_spool_sink(settings)
+    router = load_routes(settings)
     state = AppState()
+    state.identity = identity(settings)
     metrics = Metrics(state=state, router=router, client=client,
                       spool=forwarder.spool if forwarder else None)
     app = make_app(settings, sink, clock=time.time, router=router, state=state, metrics=metrics,
-                   access_log=open_access_log(settings.access_log))
+                   access_log=open_log(settings))
     sock = listen(settings)
     flags = watch_signals()
     server = eventlet.spawn(
@@ -191,8 +266,9 @@ def serve(settings):
     if forwarder is not None and settings.spool_sync_ms > 0:
         eventlet.spawn(forwarder.run_syncer)
     tune_gc()
-    log.info("listening on http://%s:%d", settings.host, settings.port)
-    supervise(flags, server, router)
+    log.info("listening on http://%s:%d (slot %s, instance %s)", settings.host, settings.port,
+             settings.slot, state.identity["instance"])
+    supervise(flags, server, router, app.access_log)
     code = drain(settings, state, server, sock)
     if forwarder is not None:
         forwarder.stopping = True
@@ -219,13 +295,19 @@ def watch_signals():
     return flags
 
 
-def supervise(flags, server, router):
-    """The main green thread acts on the flags until a stop (or the server died)."""
+def supervise(flags, server, router, access_log=None):
+    """The main green thread acts on the flags until a stop (or the server died), and
+    reopens the access log once a rotation moved it away."""
+    reopen_every = int(1.0 / _TICK_S)
+    ticks = 0
     while not flags.stop and not server.dead:
         if flags.reload:
             flags.reload = False
             # Parse in a native thread; the swap itself happens back in this green thread.
             eventlet.spawn(router.reload, eventlet.tpool.execute)
+        ticks += 1
+        if access_log is not None and ticks % reopen_every == 0:
+            access_log.reopen_if_moved()
         eventlet.sleep(_TICK_S)
 
 

@@ -32,6 +32,7 @@ class AppState:
         self.draining = False
         self.in_flight = 0
         self.body_bytes = 0        # Content-Length of the requests in flight, together
+        self.identity = None       # what /health answers (set by the worker at start)
 
 
 def _no_count(*_args):
