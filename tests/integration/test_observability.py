@@ -17,7 +17,9 @@ def get(worker, path):
 
 def test_ready_follows_the_queue_server_while_health_stays_up(queue_server, make_worker):
     worker = make_worker(queue_server.address, extra=["--kestrel-retry-ms", "100"])
-    assert get(worker, "/health") == (200, b'{"status":"ok"}')
+    status, body = get(worker, "/health")
+    identity = json.loads(body)
+    assert status == 200 and identity["status"] == "ok" and identity["port"] == worker.port
     assert get(worker, "/ready")[0] == 200
 
     queue_server.proc.kill()
