@@ -2,8 +2,9 @@
 
     .venv/bin/python deploy/rolling_restart.py [--slots 0,2] [--ready-timeout-s 60]
 
-Run it from the directory supervisord was started in (the checkout for `make run`), with
-the same INGEST_* environment, as for supervisorctl.  For new code, or a changed
+Run it from the directory supervisord was started in (the checkout for `make run`), as
+supervisorctl, with the tree's INGEST_* environment (the worker ports come from it; the
+slots are the ingest-worker programs supervisord runs).  For new code, or a changed
 INGEST_CONFIG file.
 
 Per slot:
@@ -88,8 +89,9 @@ class Rollout:
     """Restarts slots one by one; remembers which worker instances it has seen serving
     through nginx, so a slot is checked again only when its process changed."""
 
-    def __init__(self, s, rpc, ready_timeout_s, say):
+    def __init__(self, s, rpc, slots, ready_timeout_s, say):
         self.s, self.rpc, self.say = s, rpc, say
+        self.slots = list(slots)            # every slot of the tree
         self.ready_timeout_s = ready_timeout_s
         self.in_rotation = {}        # slot -> instance id seen serving through nginx
 
@@ -115,13 +117,14 @@ class Rollout:
             if not missing:
                 return
             if time.monotonic() >= deadline:
-                raise Stopped("slots %s not serving through nginx within %.0f s"
-                              % (missing, self.ready_timeout_s))
+                raise Stopped("slots %s not serving through nginx within %.0f s (their"
+                              " logs say why; worker ports come from this INGEST_*"
+                              " environment)" % (missing, self.ready_timeout_s))
             time.sleep(POLL_S)  # poll interval
 
     def restart(self, slot):
         s, rpc = self.s, self.rpc
-        self.wait_in_rotation([n for n in range(s["workers"]) if n != slot])
+        self.wait_in_rotation([n for n in self.slots if n != slot])
         old = identity(s, slot)
         started = time.monotonic()
         try:
@@ -149,20 +152,26 @@ def main(argv=None, env=None, cwd=None):
                    help="how long a restarted worker may take to answer /ready")
     args = p.parse_args(argv)
     s = launch.settings(dict(os.environ if env is None else env), cwd or os.getcwd())
-    slots = (range(s["workers"]) if args.slots is None
-             else [int(x) for x in args.slots.split(",") if x.strip()])
 
     def say(line):
         print(line, flush=True)
 
-    rollout = Rollout(s, supervisor(s), args.ready_timeout_s, say)
+    rpc = supervisor(s)
+    try:
+        every = sorted(int(p["name"].rsplit("_", 1)[1]) for p in rpc.getAllProcessInfo()
+                       if p["group"] == "ingest-worker")
+    except OSError as exc:
+        say("rolling restart: no supervisord at %s: %s" % (s["var"], exc))
+        return 1
+    slots = every if args.slots is None else [int(x) for x in args.slots.split(",") if x.strip()]
+    rollout = Rollout(s, rpc, every, args.ready_timeout_s, say)
     started = time.monotonic()
     for n, slot in enumerate(slots):
         try:
             rollout.restart(slot)
         except (Stopped, OSError) as exc:
             say("rolling restart stopped at slot %02d: %s; slots %s were not touched"
-                % (slot, exc, list(slots)[n + 1:] or "none"))
+                % (slot, exc, slots[n + 1:] or "none"))
             return 1
     say("rolling restart done: %d slots in %.1f s" % (len(slots), time.monotonic() - started))
     return 0

@@ -53,6 +53,18 @@ def free_port_run(n, attempts=50):
     raise AssertionError("no run of %d free ports found" % n)
 
 
+def distinct_free_ports(n):
+    """n different ports that were free a moment ago (all held at once while chosen)."""
+    held = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 def pid_alive(pid):
     """True while `pid` exists and is not a zombie waiting to be reaped."""
     try:
@@ -90,10 +102,11 @@ class Tree:
         self.routes = os.path.join(str(tmp_path), "routes.json")
         write_routes(self.routes, {})
         self.workers = workers
-        self.http_port = free_port()
-        self.status_port = free_port()
-        self.queue_port = free_port()
+        self.http_port, self.status_port, self.queue_port = distinct_free_ports(3)
         self.worker_base = free_port_run(workers)
+        while {self.http_port, self.status_port, self.queue_port} & set(
+                range(self.worker_base, self.worker_base + workers)):
+            self.worker_base = free_port_run(workers)
         self.env = clean_env(INGEST_WORKERS=workers, INGEST_PORT=self.http_port,
                              INGEST_LISTEN="127.0.0.1", INGEST_STATUS_PORT=self.status_port,
                              INGEST_QUEUE_PORT=self.queue_port,

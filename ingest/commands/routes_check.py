@@ -11,8 +11,9 @@ import sys
 from ingest.routing import RoutesError, RoutingTable
 
 
-def check(path, out=sys.stdout, err=sys.stderr):
+def check(path, out=None, err=None):
     """0 and a one-line summary when the file is good; 1 and the worker's message when not."""
+    out, err = out or sys.stdout, err or sys.stderr
     try:
         table = RoutingTable.from_file(path)
     except RoutesError as exc:

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.request
 
 import pytest
@@ -121,21 +120,6 @@ def post_track(worker, token, insert_id):
         return resp.read()
 
 
-def get(worker, path):
-    try:
-        with urllib.request.urlopen(worker.url + path, timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
-def metric(worker, name):
-    for line in get(worker, "/metrics")[1].decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
 def test_a_refused_routes_file_on_restart_routes_with_the_last_good_table(
         tmp_path, queue_server, make_worker):
     routes = write_routes(tmp_path / "routes.json", {"tokens": {"acme": {"track": "acme_q"}}})
@@ -148,7 +132,7 @@ def test_a_refused_routes_file_on_restart_routes_with_the_last_good_table(
     with open(routes, "w") as fh:
         fh.write('{"tokens": {"acme": {"track": "bad/name"}}}')
     first.proc.signal(signal.SIGHUP)
-    wait_until(lambda: metric(first, "ingest_routes_reload_failures_total") == 1.0,
+    wait_until(lambda: first.metric("ingest_routes_reload_failures_total") == 1.0,
                timeout=10, message="the refused reload")
     logged = [line for line in first.proc.output(20000).splitlines()
               if "reload failed" in line][0].split("keeping the last good table: ", 1)[1]
@@ -160,9 +144,9 @@ def test_a_refused_routes_file_on_restart_routes_with_the_last_good_table(
     # The restart keeps serving, with the last good table, and says so loudly.
     second = make_worker(queue_server.address, extra=args)
     assert "routing with the last good table" in second.proc.output()
-    status, body = get(second, "/ready")
+    status, body = second.get("/ready")
     assert status == 200 and "routes file refused" in json.loads(body)["degraded"]
-    assert metric(second, "ingest_routes_stale") == 1.0
+    assert second.metric("ingest_routes_stale") == 1.0
     assert post_track(second, "acme", "a-2") == b"1"
     landed = read_all(queue_server.address, "acme_q", 2)
     assert [r["properties"]["$insert_id"] for r in landed] == ["a-1", "a-2"]
@@ -171,9 +155,9 @@ def test_a_refused_routes_file_on_restart_routes_with_the_last_good_table(
     write_routes(routes, {"tokens": {"acme": {"track": "acme_q2"}}})
     assert run(ingest_argv("routes", "check", routes, quiet=True)).returncode == 0
     second.proc.signal(signal.SIGHUP)
-    wait_until(lambda: metric(second, "ingest_routes_stale") == 0.0, timeout=10,
+    wait_until(lambda: second.metric("ingest_routes_stale") == 0.0, timeout=10,
                message="the good reload")
-    assert json.loads(get(second, "/ready")[1]) == {"status": "ready"}
+    assert json.loads(second.get("/ready")[1]) == {"status": "ready"}
 
 
 def test_a_bad_routes_file_without_a_last_good_table_refuses_to_start(tmp_path, queue_server):
@@ -204,7 +188,7 @@ def test_the_worker_says_when_it_spools_and_when_forwarding_completes(
     wait_until(says_spooling, timeout=5, interval=0.05, message="the spooling line")
     took = time.monotonic() - down
     assert took < 1.0, "the spooling line came %.2f s after Kestrel went down" % took
-    status, body = get(worker, "/ready")
+    status, body = worker.get("/ready")
     assert status == 200 and json.loads(body)["degraded"].startswith("spooling")
 
     queue_server.start()
