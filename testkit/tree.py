@@ -9,6 +9,7 @@ kills by pid whatever of the tree is still alive.  Nothing here signals a proces
 is not part of the tree it started.
 """
 import os
+import random
 import re
 import signal
 import socket
@@ -32,37 +33,34 @@ def programs(conf):
     return [n for n in names if n != "ingest-worker"]
 
 
-def free_port_run(n, attempts=50):
-    """A base port such that base..base+n-1 were all free a moment ago."""
-    for _ in range(attempts):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        held = []
+def _bindable(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            for port in range(base, base + n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
+            s.bind(("127.0.0.1", port))
         except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise AssertionError("no run of %d free ports found" % n)
+            return False
+    return True
 
 
-def distinct_free_ports(n):
-    """n different ports that were free a moment ago (all held at once while chosen)."""
-    held = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+def free_port_run(n, attempts=200, exclude=()):
+    """A base port such that base..base+n-1 were all free a moment ago.
+
+    Drawn from below the kernel's ephemeral range, which connect() never hands out as a
+    source port: a worker slot that restarts during a test (a rolling restart, a kill)
+    must find its port free again, while nginx, the load and the probes open connections
+    by the thousand.  Falls back to the ephemeral range when there is nothing below it."""
     try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 1024
+    for _ in range(attempts):
+        base = (random.randrange(max(10000, low - 12000), low - n) if low - n > 10000
+                else free_port())
+        ports = range(base, base + n)
+        if base + n <= 65535 and not set(ports) & set(exclude) and all(map(_bindable, ports)):
+            return base
+    raise AssertionError("no run of %d free ports found" % n)
 
 
 def pid_alive(pid):
@@ -102,11 +100,12 @@ class Tree:
         self.routes = os.path.join(str(tmp_path), "routes.json")
         write_routes(self.routes, {})
         self.workers = workers
-        self.http_port, self.status_port, self.queue_port = distinct_free_ports(3)
-        self.worker_base = free_port_run(workers)
-        while {self.http_port, self.status_port, self.queue_port} & set(
-                range(self.worker_base, self.worker_base + workers)):
-            self.worker_base = free_port_run(workers)
+        # Every port of the tree from below the ephemeral range (see free_port_run).
+        self.http_port = free_port_run(1)
+        self.status_port = free_port_run(1, exclude=[self.http_port])
+        self.queue_port = free_port_run(1, exclude=[self.http_port, self.status_port])
+        self.worker_base = free_port_run(workers, exclude=[self.http_port, self.status_port,
+                                                           self.queue_port])
         self.env = clean_env(INGEST_WORKERS=workers, INGEST_PORT=self.http_port,
                              INGEST_LISTEN="127.0.0.1", INGEST_STATUS_PORT=self.status_port,
                              INGEST_QUEUE_PORT=self.queue_port,
