@@ -241,14 +241,18 @@ class Generator:
 
 
 def log_line(t, method, uri, content_type, body, user_agent, status, rnd):
-    """One line as nginx's `ingest_replay` log_format writes it (escape=json)."""
+    """One captured line as nginx's `ingest_access` log_format writes it (escape=json)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(t))
+    remote_addr = "203.0.113.%d" % rnd.randint(1, 254)
+    request_time = round(rnd.uniform(0.0005, 0.004), 3)
     # Key order and value types follow deploy/nginx.conf's log_format exactly.
-    fields = [("time", stamp), ("remote_addr", "203.0.113.%d" % rnd.randint(1, 254)),
-              ("method", method), ("uri", uri), ("status", status),
-              ("content_type", content_type), ("body", body),
-              ("request_time", round(rnd.uniform(0.0005, 0.004), 3)),
-              ("bytes_sent", 1 if status == 200 else 60), ("user_agent", user_agent)]
+    fields = [("time", stamp), ("remote_addr", remote_addr), ("x_forwarded_for", ""),
+              ("method", method), ("path", uri.split("?", 1)[0]), ("status", status),
+              ("content_type", content_type),
+              ("request_length", len(uri) + len(body.encode("utf-8")) + 120),
+              ("request_time", request_time), ("bytes_sent", 1 if status == 200 else 60),
+              ("upstream", "127.0.0.1:8100"), ("user_agent", user_agent), ("uri", uri),
+              ("body", body)]
     return "{" + ",".join(json.dumps(k) + ":" + json.dumps(v, ensure_ascii=False)
                           for k, v in fields) + "}\n"
 

@@ -11,8 +11,10 @@ P x C threads share an open-loop schedule of R requests/s in total, and latency 
 measured from the scheduled send time, so a stalled server shows up as latency instead
 of silently lowering the offered load.
 
-The log is the JSON-lines format deploy/nginx.conf writes (POST bodies included), or
-nginx's default "combined" format (GET requests only, since it has no bodies).
+The log is the JSON-lines format deploy/nginx.conf writes (only its captured lines carry
+the query string and body: INGEST_ACCESS_LOG_CAPTURE_PERCENT; the others are skipped),
+or nginx's default "combined" format (GET requests only, since it has no bodies).  The
+client's X-Forwarded-For, when logged, is sent again ahead of the logged peer address.
 
 The HTTP client is a deliberately small raw-socket one: the load generator must not be
 the bottleneck, and a general-purpose library costs several times more CPU per request.
@@ -57,7 +59,7 @@ def _bytes(text):
 
 
 def parse_json_line(text):
-    """One `ingest_replay` log line -> entry tuple, or None if it is not one."""
+    """One captured `ingest_access` log line -> entry tuple, or None if it is not one."""
     try:
         rec = json.loads(text)
     except ValueError:
@@ -69,8 +71,10 @@ def parse_json_line(text):
     body = rec.get("body") or ""
     content_type = "" if content_type == "-" else content_type
     body = "" if body == "-" else body
+    forwarded = [a for a in (rec.get("x_forwarded_for"), rec.get("remote_addr"))
+                 if a and a != "-"]
     return (rec["method"], _bytes(rec["uri"]), _bytes(content_type), _bytes(body),
-            str(rec.get("remote_addr") or ""))
+            ", ".join(forwarded))
 
 
 def parse_combined_line(text):
@@ -551,7 +555,7 @@ def start_hello(cpu, logdir, timeout_s=15.0):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.replay",
                                 description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--log", required=True, help="access log (ingest_replay JSON lines or combined)")
+    p.add_argument("--log", required=True, help="access log (ingest_access JSON lines or combined)")
     p.add_argument("--url", required=True, help="server under test, http://host:port")
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,

@@ -5,6 +5,8 @@
     ingest consume QUEUE  reliable-read items, one JSON line each
     ingest stats          queue depths, totals and rates per server
     ingest spool forward  empty a spool directory into Kestrel
+    ingest routes check   validate a routes file (the worker's own checks and messages)
+    ingest --version      the version
 
 eventlet's monkey patching happens here and only here, right before a subcommand that
 runs green threads starts; every other module stays importable without eventlet.
@@ -14,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from ingest import config
+from ingest import __version__, config
 
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
@@ -27,6 +29,7 @@ def _add_kestrel(p):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="ingest " + __version__)
     sub = parser.add_subparsers(dest="command", required=True)
     config.WORKER.add_arguments(sub.add_parser(
         "serve", help="run one HTTP ingestion worker (eventlet raw WSGI)"))
@@ -55,6 +58,12 @@ def build_parser():
                          " (0 = only when its queue takes other records)")
     fw.add_argument("--dead-letters", action="store_true",
                     help="first put the dead letters back into the spool, to send again")
+
+    rt = sub.add_parser("routes", help="routes file tools")
+    rtsub = rt.add_subparsers(dest="routes_command", required=True)
+    ck = rtsub.add_parser("check", help="validate a routes file as a worker would, before"
+                                        " installing it")
+    ck.add_argument("file")
     return parser
 
 
@@ -106,6 +115,9 @@ def main(argv=None):
         return spool_forward.forward(args.dir, kestrel_servers(args.kestrel),
                                      dead_letter_s=args.dead_letter_s,
                                      requeue_dead=args.dead_letters)
+    if args.command == "routes":
+        from ingest.commands import routes_check
+        return routes_check.check(args.file)
     return 2
 
 
