@@ -50,8 +50,11 @@ def _pattern(template):
     return re.compile("".join(parts) + r"\Z")
 
 
-_CATALOGUE = [(name, _pattern(text)) for name, entry in REASONS.items()
-              for text in entry.messages.values()]
+# (reason, pattern, length of its fixed text): when several match, the one that fixes
+# more of the message is the more specific ("{field} must be a number" over "{field}
+# must be {kind}").
+_CATALOGUE = [(name, _pattern(text), len(_PLACEHOLDER.sub("", text)))
+              for name, entry in REASONS.items() for text in entry.messages.values()]
 _CACHE = {}
 
 
@@ -66,16 +69,17 @@ def reason_of(message):
 
 def _match(text):
     found = {}
-    for name, pattern in _CATALOGUE:
+    for name, pattern, fixed in _CATALOGUE:
         m = pattern.match(text)
         if m:
-            found[name] = m.groupdict().get("field")
+            found[name] = (fixed, m.groupdict().get("field"))
     if not found:
         return UNRECOGNISED
+    best = max(fixed for fixed, _ in found.values())
+    found = {name: field for name, (fixed, field) in found.items() if fixed == best}
     if len(found) == 1:
         return next(iter(found))
-    field = next((f for f in found.values() if f), None)
-    chosen = _FIELD_REASONS.get(field)
+    chosen = _FIELD_REASONS.get(next((f for f in found.values() if f), None))
     return chosen if chosen in found else sorted(found)[0]
 
 

@@ -20,6 +20,7 @@ import base64
 import binascii
 import gzip
 import json
+import struct
 import urllib.parse
 import zlib
 
@@ -162,7 +163,18 @@ class Payload:
             path = self.entry.uri.partition(b"?")[0]
             return self.entry._replace(uri=path + b"?" + text.encode("latin-1", "replace"))
         body = text.encode("utf-8")
-        return self.entry._replace(body=gzip.compress(body, mtime=0) if self.gzip else body)
+        return self.entry._replace(body=_gzip_like(self.entry.body, body) if self.gzip else body)
+
+
+def _gzip_like(original, data):
+    """`data` gzipped as `original` was: its header (time stamp, OS) and, from the
+    header's XFL, its compression level; a header with optional fields is not copied."""
+    if len(original) < 10 or original[3] != 0:
+        return gzip.compress(data, mtime=0)
+    level = {2: 9, 4: 1}.get(original[8], 6)
+    deflate = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return (original[:10] + deflate.compress(data) + deflate.flush()
+            + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF))
 
 
 def _dumps(value, style):
@@ -259,7 +271,7 @@ def with_verbose(entry):
     span = _span(p.form, "verbose") if p.form is not None else None
     if span is not None:
         body = (p.form[:span[0]] + "1" + p.form[span[1]:]).encode("utf-8")
-        return entry._replace(body=gzip.compress(body, mtime=0) if p.gzip else body)
+        return entry._replace(body=_gzip_like(entry.body, body) if p.gzip else body)
     path, sep, query = entry.uri.partition(b"?")
     text = query.decode("latin-1")
     span = _span(text, "verbose")

@@ -428,7 +428,8 @@ def _title(fig, what, doc):
     fig.suptitle("%s: %s %s\n%d x %d connections, %s\n%s, commit %s"
                  % (what, doc["label"], meta.get("url", doc["url"]), doc["processes"],
                     doc["concurrency"], meta.get("mode", "-"), meta.get("date", "-"),
-                    meta.get("commit", "-")), fontsize=9, x=0.01, ha="left")
+                    meta.get("commit", "-")), fontsize=9, x=0.01, y=1.0, ha="left",
+                 va="bottom")
 
 
 def _legend(ax, **kw):
@@ -473,7 +474,7 @@ def _plot_throughput(plt, doc, path):
     _seconds_axis(rec_ax)
     rec_ax.set_xlabel("time (s)")
     for a in (ax, err_ax, rec_ax):
-        a.set_ylim(bottom=0)
+        a.set_ylim(bottom=0, top=max(1.0, a.get_ylim()[1]))
         a.grid(alpha=0.3)
         _legend(a)
     _title(fig, "Throughput", doc)

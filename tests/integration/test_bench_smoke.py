@@ -9,14 +9,15 @@ itself is bounded by --duration (or the log's length) and a wait deadline.
 import base64
 import json
 import random
+import shlex
 import subprocess
 import sys
 import time
 
 import pytest
 
-from bench import capture, make_log, payload, replay
-from testkit.procs import Proc, QueueServer, Worker, free_port
+from bench import capture, cpu, make_log, payload, replay
+from testkit.procs import Proc, QueueServer, Worker, free_port, wait_until
 from testkit.queues import read_until_empty
 
 DURATION_S = 3
@@ -254,3 +255,36 @@ def test_shift_time_lands_an_old_capture(tmp_path, target):
     ids = sorted(sent)
     for a, b in zip(ids, ids[1:]):
         assert landed[a] - landed[b] == pytest.approx(sent[a] - sent[b], abs=0.002)
+
+
+def test_server_cpu_over_every_child_of_a_supervisor(tmp_path):
+    """--server-children: the CPU of every process below a parent (as under
+    supervisord), helpers left out, and a process restarted meanwhile counted."""
+    stop = tmp_path / "stop"
+    burn = "import itertools, os; any(os.path.exists(%r) for _ in itertools.count())" % str(stop)
+    script = " & ".join([shlex.join([sys.executable, "-c", burn])] * 3) + " & wait"
+    parent = Proc("supervisor", ["sh", "-c", script], tmp_path / "logs").start()
+    try:
+        children = wait_until(lambda: sorted(cpu.descendants([parent.pid])) if len(
+            cpu.descendants([parent.pid])) == 3 else None, message="three children")
+        group = cpu.ServerProcesses(parents=[parent.pid], exclude=[children[0]])
+        before = group.snapshot()
+        assert sorted(before) == children[1:]
+        t0 = time.monotonic()
+        wait_until(lambda: all(cpu.proc_cpu_s(p) - before[p][0] >= 0.1 for p in children[1:]),
+                   message="the children to burn CPU")
+        usage = cpu.group_usage(before, group.snapshot(), time.monotonic() - t0)
+        assert [p["pid"] for p in sorted(usage["processes"], key=lambda p: p["pid"])] == \
+            children[1:]
+        assert usage["core_share"] == pytest.approx(
+            sum(p["core_share"] for p in usage["processes"]), abs=0.01)
+        assert usage["core_share"] > 0.3 and usage["exited"] == []
+        assert "python" in usage["processes"][0]["name"]
+        # A process gone since the first snapshot is reported; a new one counts from 0.
+        fake = {children[1]: before[children[1]], 999999: (0.0, "gone")}
+        later = cpu.group_usage(fake, group.snapshot(), 1.0)
+        assert later["exited"] == [999999]
+        assert [p["pid"] for p in later["processes"] if p["new"]] == [children[2]]
+    finally:
+        stop.write_text("")
+        parent.stop()
