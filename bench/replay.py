@@ -427,8 +427,7 @@ def run_load(requests, url, processes=1, concurrency=DEFAULT_CONCURRENCY, durati
     parts = urllib.parse.urlsplit(url)
     cfg = {"host": socket.gethostbyname(parts.hostname), "port": parts.port or 80,
            "processes": processes, "concurrency": concurrency, "duration_s": duration_s,
-           "rate": rate, "timeout_s": timeout_s, "cpus": cpus, "seed": seed, "order": order,
-           "speed_span_s": offsets[-1] if offsets else None}
+           "rate": rate, "timeout_s": timeout_s, "cpus": cpus, "seed": seed, "order": order}
     ctx = get_context("fork")  # children inherit the prebuilt requests copy-on-write
     pipes, procs = [], []
     for i in range(processes):
@@ -501,7 +500,6 @@ def measured_run(requests, url, args, label, server=None, offsets=None):
 
     `server`: a cpu.ServerProcesses (one pid, several, or a supervisord's children)."""
     helpers = cpu.ServerProcesses(pids=args.helper_pid)
-    server = server if server else None
     before = server.snapshot() if server else None
     helpers_before = helpers.snapshot()
     cores_before = cpu.cores_busy()

@@ -204,7 +204,10 @@ class Consumer:
 
     def close(self):
         """Abort every held read, drop every connection; waits (at most `timeout_ms`)
-        for the servers to answer the aborts and confirms still in flight."""
+        for the servers to answer the aborts and confirms still in flight.  Closing
+        twice is harmless."""
+        if self.selector is None:
+            return
         for lane in self.lanes:
             if lane.state == WAITING:
                 self._drop(lane)       # the server rolls back whatever it opened for us
@@ -221,6 +224,7 @@ class Consumer:
         for lane in self.lanes:
             self._drop(lane)
         self.selector.close()
+        self.selector = None
 
     def __enter__(self):
         return self
