@@ -225,7 +225,10 @@ def test_recorded_order_at_recorded_pace(tmp_path, target):
     assert time.monotonic() - t0 < 30
     assert doc["meta"]["recorded_span_s"] == pytest.approx(2.95, abs=0.01)
     assert 2.7 <= doc["elapsed_s"] <= 4.5, doc["elapsed_s"]
-    assert [s["requests"] for s in doc["series"]][:3] == [20, 20, 20]
+    # Sent over the three seconds, about 20 in each (counted when answered, so a slow
+    # answer may land in the next second), not in a burst.
+    per_second = [s["requests"] for s in doc["series"]]
+    assert sum(per_second) == 60 and all(10 <= n <= 30 for n in per_second[:3]), per_second
     assert doc["requests"] == doc["records"]["accepted"] == 60   # each one sent once
     events = read_until_empty(queue.address, "events")
     assert [e["properties"]["seq"] for e in events] == list(range(60))

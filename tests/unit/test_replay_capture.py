@@ -193,3 +193,36 @@ _FIELDS = {"invalid_event": "event", "missing_token": "properties.token",
            "missing_insert_id": "properties.$insert_id", "missing_group_key": "$group_key",
            "missing_group_id": "$group_id", "missing_time": "properties.time",
            "invalid_properties": "properties"}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--order", "recorded", "--rate", "100"],       # a recorded replay keeps its own pace
+    ["--order", "recorded", "--speed", "-1"],
+    ["--order", "sorted"],
+    ["--max-rejected", "150"],
+    ["--skip-status", "40x"],
+    ["--duration", "0"],
+])
+def test_operator_typos_end_with_a_usage_error(flags, capsys):
+    from bench import replay
+    with pytest.raises(SystemExit) as exc:
+        replay.parse_args(["--log", "x.log", "--url", "http://127.0.0.1:1"] + flags)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_defaults_per_order():
+    from bench import replay
+    base = ["--log", "x.log", "--url", "http://127.0.0.1:1"]
+    assert replay.parse_args(base).duration == 10.0
+    args = replay.parse_args(base + ["--order", "recorded", "--skip-status", "none"])
+    assert (args.duration, args.speed, args.skip_status) == (None, 1.0, ())
+
+
+def test_truncated_and_foreign_lines_are_skipped(tmp_path):
+    good = (b'{"time":"2026-11-26T03:00:00+00:00","remote_addr":"1.2.3.4","method":"GET",'
+            b'"uri":"/track?data=e30","status":200}\n')
+    path = tmp_path / "cut.log"
+    path.write_bytes(good + good[:40] + b"\n\xff\xfe garbage\n" + b"[1, 2]\n" + good)
+    entries, skipped = capture.load_log(str(path))
+    assert (len(entries), skipped) == (2, 3)
