@@ -43,6 +43,9 @@ def build_parser():
     c.add_argument("--timeout-ms", type=int, default=1000,
                    help="stop after this long without an item")
     c.add_argument("--peek", action="store_true", help="look at the head without removing")
+    c.add_argument("--connections", type=_positive, default=1,
+                   help="read over N connections at once: faster, items in no particular "
+                        "order (default 1: queue order)")
 
     s = sub.add_parser("stats", help="queue depths, totals and rates per server")
     _add_kestrel(s)
@@ -65,6 +68,16 @@ def build_parser():
                                         " installing it")
     ck.add_argument("file")
     return parser
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer, got %r" % text)
+    return value
 
 
 def kestrel_servers(text):
@@ -105,7 +118,8 @@ def main(argv=None):
     if args.command == "consume":
         from ingest.commands import consume
         return consume.consume(args.queue, kestrel_servers(args.kestrel), max_items=args.max,
-                               timeout_ms=args.timeout_ms, peek=args.peek)
+                               timeout_ms=args.timeout_ms, peek=args.peek,
+                               connections=args.connections)
     if args.command == "stats":
         from ingest.commands import stats
         return stats.stats(kestrel_servers(args.kestrel), as_json=args.json)
