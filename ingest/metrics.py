@@ -75,6 +75,8 @@ METRICS = {
     "ingest_routes_reloads": ("counter", "routes files loaded by SIGHUP", ()),
     "ingest_routes_reload_failures": ("counter", "routes reloads refused (last good table"
                                       " kept)", ()),
+    "ingest_routes_stale": ("gauge", "1 while the routes file is refused and the worker"
+                            " routes with its last good table (see /ready)", ()),
     "ingest_spool_bytes": ("gauge", "bytes in the local spool", ()),
     "ingest_spool_appended_records": ("counter", "records written to the spool by this"
                                       " process", ()),
@@ -153,6 +155,7 @@ class _Collector:
         yield family("ingest_records_unknown_token", table.unknown)
         yield family("ingest_routes_reloads", router.reloads)
         yield family("ingest_routes_reload_failures", router.reload_failures)
+        yield family("ingest_routes_stale", 1 if getattr(router, "stale", None) else 0)
 
     @staticmethod
     def _latency(latency):

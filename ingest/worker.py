@@ -1,20 +1,27 @@
 """`ingest serve`: the eventlet raw-WSGI bootstrap of one worker: the HTTP protocol
-seam, socket options, signals, graceful drain.
+seam, socket options, signals, graceful drain, start-up.
 
-One of the two places that touch eventlet (the other is the bundled queue server,
-ingest/queue/); monkey patching has already happened in cli.py.  Signal handlers only set flags; the
+Start-up failures an operator can cause (the port taken, a spool or log path that cannot
+be written, a bad routes file with no last good copy) end the process with one line on
+stderr saying what and where, and exit status 1; never a traceback.  /health answers the
+worker's identity (slot, port, pid and a per-start instance id), so a launcher can tell
+this worker from any other listener on its port.
+
+With ingest/wsgi_server.py (the HTTP seam: strict framing, body deadline, accept that
+survives EMFILE) one of the places that touch eventlet (the other is the bundled queue
+server, ingest/queue/); monkey patching has already happened in cli.py.  Signal handlers only set flags; the
 main green thread acts on them: SIGHUP reloads the routing table off the request path
 (in a native thread via tpool), SIGTERM/SIGINT drain: /ready turns 503, the listening
 socket closes, in-flight requests get up to `drain_s` to finish, then the process exits 0.
 
 Running out of file descriptors is survived: accept() failing with EMFILE/ENFILE (which
 eventlet's server would take as the end of its loop) is logged and retried with
-back-off while open connections keep being served (PatientListener).  If the server's
+back-off while open connections keep being served (wsgi_server.PatientListener).  If the server's
 loop ends for any other reason than a stop, the process exits 1, never 0.
 """
-import errno
 import gc
 import logging
+import os
 import resource
 import signal
 import time
@@ -24,197 +31,25 @@ import eventlet.event
 import eventlet.tpool
 import eventlet.wsgi
 
-from ingest import errors
+from ingest import __version__
 from ingest.http import make_app
 from ingest.http.access_log import open_access_log
-from ingest.http.answers import json_body
 from ingest.http.app import AppState
 from ingest.kestrel.client import Client
 from ingest.metrics import Metrics
 from ingest.routing import Router, RoutesError
+from ingest.routing.last_good import LastGoodRoutes
 from ingest.sinks.batching import BatchingSink
 from ingest.sinks.fallback import SpoolingSink
 from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.kestrel import KestrelSink
 from ingest.sinks.spool import Spool
+from ingest.sinks.spool_log import SpoolNotices
+from ingest.wsgi_server import GreenLatch, IngestProtocol, PatientListener
 
 log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.
 _TICK_S = 0.05
-
-
-class GreenLatch(eventlet.event.Event):
-    """A one-shot event with threading.Event's set()/wait().
-
-    PERF: creating one costs ~0.4 us against ~2.6 us for a monkey-patched threading.Event,
-    and BatchingSink makes one per request."""
-
-    def set(self):
-        self.send()
-
-
-# The body of every answer the HTTP parser gives itself (the catalogue's wording).
-_ERROR_BODY = json_body({"status": 0, "error": errors.message("malformed_http")})
-
-
-class IngestProtocol(eventlet.wsgi.HttpProtocol):
-    """eventlet's HTTP/1.1 handler with stricter framing and well-formed errors.
-
-    - Errors the standard library's parser raises (bad request line, bad version, too
-      many headers) get a fixed JSON body with a real status line, never the request
-      echoed back in an HTML page; an unparsable version is answered as HTTP/1.0 (the
-      default of HTTP/0.9 wrote no status line at all).
-    - A header block the parser could not fully read (a malformed line makes it stop
-      early and silently drop the headers after it, including Content-Length) is
-      refused: otherwise the rest is read as a second request (request smuggling).
-    - Content-Length must be plain digits and appear once; Transfer-Encoding other than
-      `chunked` is refused.
-    - The header block must arrive within the read timeout as a whole (slow-loris).
-    """
-
-    default_request_version = "HTTP/1.0"
-
-    def send_error(self, code, message=None, explain=None):
-        if code >= 500:   # 501/505 for a bad method or version: the client's fault, say 400
-            code = 400
-        phrase = self.responses.get(code, ("Error",))[0]
-        # After a HEAD (even one whose request line is broken) send no body, with a
-        # Content-Length of 0, which reads the same whichever way the client framed it.
-        head_request = self.command == "HEAD" or getattr(self, "raw_requestline", b"")[:5] == b"HEAD "
-        body = b"" if head_request else _ERROR_BODY
-        head = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                "Connection: close\r\n\r\n" % (code, phrase, len(body)))
-        self.close_connection = 1
-        try:
-            self.wfile.write(head.encode("latin-1") + body)
-            self.wfile.flush()
-        except OSError:
-            pass
-
-    def parse_request(self):
-        # The socket timeout is per read: a client sending one header byte every few
-        # seconds would never hit it.  The whole header block gets that budget instead.
-        budget = self.server.socket_timeout
-        deadline = eventlet.Timeout(budget) if budget else None
-        try:
-            if not super().parse_request():
-                return False
-        except eventlet.Timeout as expired:
-            if expired is not deadline:
-                raise
-            self.close_connection = 1      # too slow to deserve an answer
-            return False
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-        headers = self.headers
-        if headers.defects:
-            self.send_error(400)
-            return False
-        lengths = headers.get_all("Content-Length") or ()
-        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
-            self.send_error(400)
-            return False
-        coding = headers.get("Transfer-Encoding")
-        if coding is not None and coding.strip().lower() != "chunked":
-            self.send_error(400)
-            return False
-        return True
-
-    def get_environ(self):
-        """eventlet's environ, with the whole-body deadline on wsgi.input and the hook
-        the app calls to close the connection instead of reading an unread body."""
-        env = super().get_environ()
-        budget = env.get("ingest.body_timeout_s")
-        if budget and ("CONTENT_LENGTH" in env or "HTTP_TRANSFER_ENCODING" in env):
-            env["wsgi.input"] = DeadlineInput(env["wsgi.input"], budget, self)
-        env["ingest.close"] = self.close_after_answer
-        return env
-
-    def close_after_answer(self):
-        self.close_connection = 1
-
-
-class DeadlineInput:
-    """wsgi.input with one deadline for the whole body.
-
-    The socket timeout bounds each read only, so a client sending a byte every few
-    seconds would hold its request (and its connection) for as long as it likes; here
-    the body as a whole must arrive within `seconds` of the headers, else TimeoutError
-    (the app answers 408) and the connection is closed."""
-
-    def __init__(self, raw, seconds, protocol):
-        self.raw = raw
-        self.deadline = time.monotonic() + seconds
-        self.protocol = protocol
-
-    def _within(self, method, *args):
-        left = self.deadline - time.monotonic()
-        expired = TimeoutError("request body not received in time")
-        if left <= 0:
-            self.protocol.close_after_answer()
-            raise expired
-        try:
-            with eventlet.Timeout(left, expired):
-                return method(*args)
-        except OSError:
-            self.protocol.close_after_answer()   # what is left of the body is unknown
-            raise
-
-    def read(self, *args):
-        return self._within(self.raw.read, *args)
-
-    def readline(self, *args):
-        return self._within(self.raw.readline, *args)
-
-    def __iter__(self):
-        return iter(self.read, b"")
-
-
-# accept() errors that mean "no descriptor (or memory) for a new connection now".
-_RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-
-
-class PatientListener:
-    """The listening socket, with an accept() that survives running out of descriptors.
-
-    eventlet's server loop re-raises an EMFILE from accept() and ends (the process would
-    then exit).  Here the failure is counted, logged (at most every LOG_EVERY_S) and
-    retried after a back-off that doubles from MIN_WAIT_S to MAX_WAIT_S; meanwhile the
-    connections already open keep being served and may free descriptors.  Everything
-    else is the socket's own."""
-
-    MIN_WAIT_S, MAX_WAIT_S, LOG_EVERY_S = 0.01, 1.0, 10.0
-
-    def __init__(self, sock, state):
-        self._sock = sock
-        self._state = state
-        self._logged_at = None
-
-    def accept(self):
-        wait = self.MIN_WAIT_S
-        while True:
-            try:
-                return self._sock.accept()
-            except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                self._state.accept_errors += 1
-                self._log(exc, wait)
-            eventlet.sleep(wait)
-            wait = min(wait * 2, self.MAX_WAIT_S)
-
-    def _log(self, exc, wait):
-        now = time.monotonic()
-        if self._logged_at is None or now - self._logged_at >= self.LOG_EVERY_S:
-            self._logged_at = now
-            log.error("cannot accept a connection: %s (descriptor limit %d; %d accept"
-                      " failures so far); open connections are still served, retrying in"
-                      " %.2fs", exc.strerror or exc, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                      self._state.accept_errors, wait)
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
 
 
 # Descriptors a worker needs besides its client connections: the listening socket, the
@@ -260,12 +95,13 @@ def build_sink(settings):
     spool = Spool(settings.spool, sync_ms=settings.spool_sync_ms,
                   max_bytes=settings.spool_max_mb * 1024 * 1024,
                   run_blocking=eventlet.tpool.execute)
+    notices = SpoolNotices(spool)
     forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0,
-                          dead_letter_s=settings.spool_dead_letter_s)
+                          dead_letter_s=settings.spool_dead_letter_s, notices=notices)
     if spool.segments():
-        log.info("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
-                 spool.size_bytes())
-    return SpoolingSink(batched, spool), client, forwarder
+        log.warning("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
+                    spool.size_bytes())
+    return SpoolingSink(batched, spool, notices), client, forwarder
 
 
 def tune_gc():
@@ -282,25 +118,82 @@ def tune_gc():
 
 
 def listen(settings):
-    sock = eventlet.listen((settings.host, settings.port), backlog=2048,
-                           reuse_port=settings.reuse_port)
-    return sock
+    try:
+        return eventlet.listen((settings.host, settings.port), backlog=2048,
+                               reuse_port=settings.reuse_port)
+    except OSError as exc:
+        raise SystemExit("ingest serve: cannot listen on %s:%d: %s"
+                         % (settings.host, settings.port, exc.strerror or exc)) from None
+
+
+def open_spool_sink(settings):
+    """build_sink, with a spool directory that cannot be created, locked or written
+    ending the program in one line."""
+    if settings.spool:
+        try:
+            os.makedirs(settings.spool, exist_ok=True)
+            probe = os.path.join(settings.spool, ".write-probe-%d" % os.getpid())
+            with open(probe, "wb") as fh:
+                fh.write(b"ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise SystemExit("ingest serve: spool directory %s is not writable: %s"
+                             % (settings.spool, exc.strerror or exc)) from None
+    try:
+        return build_sink(settings)
+    except OSError as exc:
+        raise SystemExit("ingest serve: spool directory %s: %s"
+                         % (settings.spool, exc.strerror or exc)) from None
+
+
+def load_routes(settings):
+    """The Router; with a spool, the last good routes file is kept beside it and used
+    when the routes file is refused at start.  Without a usable table: one line, exit."""
+    keeper = LastGoodRoutes(settings.spool) if settings.spool and settings.routes else None
+    loader = keeper.load if keeper is not None else None
+    try:
+        return Router(settings.routes, log=log, loader=loader)
+    except RoutesError as exc:
+        if keeper is None:
+            raise SystemExit("ingest serve: bad routes file: %s" % exc) from None
+        try:
+            table, reason = keeper.fallback(exc)
+        except RoutesError as no_fallback:
+            raise SystemExit("ingest serve: bad routes file: %s" % no_fallback) from None
+    router = Router(settings.routes, log=log, loader=loader, table=table)
+    router.stale = reason
+    log.error("routes: %s; fix the file, check it with `ingest routes check %s`, then"
+              " SIGHUP", reason, settings.routes)
+    return router
+
+
+def open_log(settings):
+    try:
+        return open_access_log(settings.access_log)
+    except OSError as exc:
+        raise SystemExit("ingest serve: cannot open access log %s: %s"
+                         % (settings.access_log, exc.strerror or exc)) from None
+
+
+def identity(settings):
+    """What /health answers: which worker this is, and a per-start instance id."""
+    return {"status": "ok", "service": "ingest", "version": __version__,
+            "slot": settings.slot, "port": settings.port, "pid": os.getpid(),
+            "instance": os.urandom(8).hex()}
 
 
 def serve(settings):
     log.info("settings: %s", settings.describe())
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
     eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
-    try:
-        router = Router(settings.routes, log=log)
-    except RoutesError as exc:
-        raise SystemExit("ingest serve: bad routes file: %s" % exc)
-    sink, client, forwarder = build_sink(settings)
+    sink, client, forwarder = open_spool_sink(settings)
+    router = load_routes(settings)
     state = AppState()
+    state.identity = identity(settings)
     metrics = Metrics(state=state, router=router, client=client,
                       spool=forwarder.spool if forwarder else None)
     app = make_app(settings, sink, clock=time.time, router=router, state=state, metrics=metrics,
-                   access_log=open_access_log(settings.access_log), pause=eventlet.sleep)
+                   access_log=open_log(settings), pause=eventlet.sleep)
     warning = descriptor_warning(settings)
     if warning:
         log.warning(warning)
@@ -318,8 +211,9 @@ def serve(settings):
     if forwarder is not None and settings.spool_sync_ms > 0:
         eventlet.spawn(forwarder.run_syncer)
     tune_gc()
-    log.info("listening on http://%s:%d", settings.host, settings.port)
-    supervise(flags, server, router, MemoryReturner(state))
+    log.info("listening on http://%s:%d (slot %s, instance %s)", settings.host, settings.port,
+             settings.slot, state.identity["instance"])
+    supervise(flags, server, router, app.access_log, MemoryReturner(state))
     died = server.dead and not flags.stop
     code = drain(settings, state, server, sock)
     if died:
@@ -350,8 +244,11 @@ def watch_signals():
     return flags
 
 
-def supervise(flags, server, router, memory=None):
-    """The main green thread acts on the flags until a stop (or the server died)."""
+def supervise(flags, server, router, access_log=None, memory=None):
+    """The main green thread acts on the flags until a stop (or the server died), and
+    reopens the access log once a rotation moved it away."""
+    reopen_every = int(1.0 / _TICK_S)
+    ticks = 0
     while not flags.stop and not server.dead:
         if flags.reload:
             flags.reload = False
@@ -359,6 +256,9 @@ def supervise(flags, server, router, memory=None):
             eventlet.spawn(router.reload, eventlet.tpool.execute)
         if memory is not None:
             memory.tick()
+        ticks += 1
+        if access_log is not None and ticks % reopen_every == 0:
+            access_log.reopen_if_moved()
         eventlet.sleep(_TICK_S)
 
 

@@ -90,12 +90,14 @@ def cors(environ, headers):
     return headers
 
 
-def respond(environ, start_response, status, body, content_type, extra=()):
+def respond(environ, start_response, status, body, content_type, extra=(), allow_cors=True):
+    """`allow_cors=False` for operator paths: no Access-Control-* at all, so no web page
+    can read them from a browser (let alone with the visitor's credentials)."""
     environ["ingest.status"] = status
     environ["ingest.bytes"] = len(body)
     headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), NO_CACHE]
     headers.extend(extra)
-    start_response(STATUS[status], cors(environ, headers))
+    start_response(STATUS[status], cors(environ, headers) if allow_cors else headers)
     # HEAD: the same headers (Content-Length of the body a GET would get), no body.
     return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 

@@ -34,6 +34,7 @@ class AppState:
         self.body_bytes = 0        # bodies of the requests in flight, as held (decompressed)
         self.body_bytes_done = 0   # bodies of the requests answered, all together
         self.accept_errors = 0     # accept() failures the server survived (EMFILE...)
+        self.identity = None       # what /health answers (set by the worker at start)
 
 
 class Charge:

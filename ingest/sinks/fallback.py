@@ -5,21 +5,27 @@ disk), or report ready when neither side can take records (the spool full, or it
 write failed and a probe of its disk still fails).
 """
 from ingest.sinks import SinkUnavailable
+from ingest.sinks.spool_log import SpoolNotices
 
 
 class SpoolingSink:
     """Primary sink first; when it cannot take a batch, the spool does."""
 
-    def __init__(self, primary, spool):
+    def __init__(self, primary, spool, notices=None):
         self.primary = primary
         self.spool = spool
+        self.notices = notices or SpoolNotices(spool)   # the log lines (spool_log.py)
 
     def put(self, pairs):
         try:
             self.primary.put(pairs)
         except SinkUnavailable as exc:
             # Only what Kestrel did not store goes to the spool (no duplicates of the rest).
-            self.spool.append(pairs if exc.remaining is None else exc.remaining)
+            rest = pairs if exc.remaining is None else exc.remaining
+            self.spool.append(rest)
+            self.notices.spooled(len(rest), exc)
+        else:
+            self.notices.primary_ok()
 
     def ready(self):
         ok, why = self.primary.ready()

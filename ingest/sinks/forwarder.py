@@ -53,6 +53,7 @@ from ingest.fileio import fsync_dir, write_all
 from ingest.sinks import SinkUnavailable
 from ingest.sinks import frames
 from ingest.sinks.spool import SEGMENT_RE
+from ingest.sinks.spool_log import SpoolNotices
 
 log = logging.getLogger("ingest.spool")
 POS_TAG = "ingest-spool-pos 2"
@@ -66,8 +67,9 @@ class Forwarder:
     """Moves spooled records to Kestrel, oldest first; deletes what was STORED."""
 
     def __init__(self, spool, put_many, batch_records=1000, retry_s=1.0, dead_letter_s=600.0,
-                 clock=time.monotonic):
+                 clock=time.monotonic, notices=None):
         self.spool = spool
+        self.notices = notices or SpoolNotices(spool)   # the log lines (spool_log.py)
         self.put_many = put_many
         self.batch_records = batch_records
         self.retry_s = retry_s
@@ -243,8 +245,11 @@ class Forwarder:
     def _pass(self, tick_s):
         self.spool.sync_if_due()
         if self.spool.has_data.wait(tick_s):
-            if self.forward_once():
+            done = self.forward_once()
+            self.notices.forwarding(self.forwarded)
+            if done:
                 if not self.pending():
+                    self.notices.forwarded_all(self.forwarded)
                     self.spool.has_data.clear()
                     if self.pending():          # an append raced with the clear
                         self.spool.has_data.set()
