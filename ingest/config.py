@@ -255,6 +255,8 @@ WORKER = Table("WorkerSettings", [
     Field("drain_s", float, 10.0, "on SIGTERM, how long in-flight requests may take to finish",
           check=not_negative),
     Field("access_log", optional_str, None, "JSON-lines access log file ('-' = stderr)"),
+    Field("profile_file", optional_str, None, "write a cProfile of the worker's run to this"
+          " file when it stops (bench/wrk_bench.py --profile; slows the worker)"),
 ],
     # INGEST_PORT is the public port nginx listens on (deploy/, `make run`), so the
     # worker's own host and port read these instead.

@@ -45,7 +45,7 @@ from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.kestrel import KestrelSink
 from ingest.sinks.spool import Spool
 from ingest.sinks.spool_log import SpoolNotices
-from ingest.wsgi_server import GreenLatch, IngestProtocol, PatientListener
+from ingest.wsgi_server import Dated, GreenLatch, IngestProtocol, PatientListener
 
 log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.
@@ -183,6 +183,19 @@ def identity(settings):
 
 
 def serve(settings):
+    """Run one worker until SIGTERM; under cProfile when profile_file is set."""
+    if not settings.profile_file:
+        return _serve(settings)
+    import cProfile
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(_serve, settings)
+    finally:
+        profiler.dump_stats(settings.profile_file)
+        log.info("profile written to %s", settings.profile_file)
+
+
+def _serve(settings):
     log.info("settings: %s", settings.describe())
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
     eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
@@ -200,7 +213,7 @@ def serve(settings):
     sock = PatientListener(listen(settings), state)
     flags = watch_signals()
     server = eventlet.spawn(
-        eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
+        eventlet.wsgi.server, sock, Dated(app), log=logging.getLogger("ingest.wsgi"),
         protocol=IngestProtocol, environ={"ingest.body_timeout_s": settings.body_timeout_s},
         log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
         url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,
