@@ -24,6 +24,11 @@ from ingest.queue import journal as jr
 
 log = logging.getLogger("ingest.queue")
 
+# PERF: items are moved into memory at most this many bytes at a time, then the loop
+# serves others: moving a 1 MiB read took up to 4 ms of CPU (5-18 ms of wall clock on
+# the loaded 2-core VM) in one go; 256 KiB steps keep each under about 1 ms of CPU.
+STEP = 256 * 1024
+
 
 class ReadAhead:
     """One green thread that refills the memory part of queues with a backlog."""
@@ -59,9 +64,13 @@ class ReadAhead:
         """Read ahead for `q` until its memory part is full or its backlog is read."""
         backlog, bound = q.backlog, q.options.max_memory_bytes
         while backlog is not None and q.backlog is backlog and not q.deleted:
-            q.fill()
+            before = backlog.pos
+            q.fill(STEP)
             if q.backlog is not backlog or q.mem_cost() >= bound:
                 return
+            if backlog.pos != before:
+                eventlet.sleep(0)      # let connections run between steps
+                continue
             want = backlog.want(q.journal.size)
             if want is None:
                 return

@@ -435,6 +435,9 @@ def _recover(path, fd, size, why):
         for chunk in jr.join_records(replay.clean_records(counts)):
             jr.write_chunk(out, chunk)
         os.fsync(out)
+    except BaseException:
+        os.unlink(tmp)                       # the damaged journal is left as it was
+        raise
     finally:
         os.close(out)
     aside = keep_aside(path)

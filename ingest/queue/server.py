@@ -83,11 +83,11 @@ class QueueServer:
     def load(self):
         """Replay every journal in the data directory (blocking: before listening)."""
         os.makedirs(self.data_dir, exist_ok=True)
+        for entry in os.listdir(self.data_dir):
+            if "~~" in entry:             # an interrupted rewrite; the original is intact
+                os.unlink(os.path.join(self.data_dir, entry))
         for entry in sorted(os.listdir(self.data_dir)):
             path = os.path.join(self.data_dir, entry)
-            if "~~" in entry:
-                os.unlink(path)           # an interrupted rewrite; the original is intact
-                continue
             if not os.path.isfile(path) or not proto.valid_queue_name(entry):
                 continue
             loaded = replay.load(path, self.config.for_queue(entry).max_memory_bytes)

@@ -230,11 +230,13 @@ class Queue:
     def _chunk(self):
         return min(max(self.options.max_memory_bytes // 4, 64 * 1024), 1024 * 1024)
 
-    def fill(self):
-        """Move buffered backlog items into memory, up to the bound (at least one when
-        memory is empty)."""
+    def fill(self, limit=None):
+        """Move buffered backlog items into memory, up to the bound and to `limit` bytes
+        (at least one when memory is empty)."""
         backlog = self.backlog
         budget = self.options.max_memory_bytes - self.mem_cost()
+        if limit is not None:
+            budget = min(budget, limit)
         try:
             records, _ = backlog.take(budget if self.items else max(budget, 1))
         except Damaged as damaged:

@@ -156,12 +156,15 @@ def test_full_disk_answers_every_request_and_loses_nothing(tmp_path, small_disk)
 # ---- one server per port and per data directory ------------------------------------------
 
 def second_server(tmp_path, port, data, name):
+    """Start `ingest queue` on `port` and `data`; (exit status, output) once it exits."""
     proc = Proc(name, ingest_argv("queue", "--host", "127.0.0.1", "--port", port,
                                   "--data", data), str(tmp_path / "logs")).start()
-    wait_until(lambda: proc.popen.poll() is not None, timeout=15,
-               message="the second server to refuse to start")
-    err = proc.output()
-    return proc.popen.returncode, err
+    try:
+        wait_until(lambda: proc.popen.poll() is not None, timeout=15,
+                   message="the second server to refuse to start")
+    finally:
+        proc.stop()
+    return proc.popen.returncode, proc.output()
 
 
 def test_second_server_on_the_same_port_or_data_dir_refuses_to_start(tmp_path):
