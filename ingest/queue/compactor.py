@@ -27,11 +27,10 @@ import posix
 import time
 import zlib
 
-import eventlet
-import eventlet.event
 from eventlet import tpool
 
 from ingest.queue import journal as jr
+from ingest.queue.readahead import SerialWorker
 from ingest.queue.syncer import close_later
 
 log = logging.getLogger("ingest.queue")
@@ -45,37 +44,25 @@ class Abandon(Exception):
     """The queue was deleted or its journal replaced meanwhile: stop, nothing failed."""
 
 
-class Compactor:
+class Compactor(SerialWorker):
     """Runs the rewrites the queues ask for (`want`), one at a time."""
 
     def __init__(self, close_fd, sync_ms):
+        super().__init__()
         self.close_fd = close_fd
         self.sync_ms = sync_ms
-        self.wanted = collections.OrderedDict()
-        self.kick = None
-
-    def start(self):
-        eventlet.spawn_n(self._loop)
 
     def want(self, q, force=False):
         """Rewrite `q` soon, unless it is being rewritten or backs off after a failure."""
-        if q.compacting or q.deleted or q in self.wanted:
+        if q.compacting or q.deleted:
             return
         if not force and time.monotonic() < q.compact_after:
             return
-        self.wanted[q] = None
-        if self.kick is not None and not self.kick.ready():
-            self.kick.send()
+        self._add(q)
 
-    def _loop(self):
-        while True:
-            if not self.wanted:
-                self.kick = eventlet.event.Event()
-                self.kick.wait()
-                continue
-            q, _ = self.wanted.popitem(last=False)
-            if not q.deleted:
-                self.compact(q)
+    def work(self, q):
+        if not q.deleted:
+            self.compact(q)
 
     def compact(self, q):
         q.compacting = True

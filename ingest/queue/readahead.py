@@ -30,17 +30,18 @@ log = logging.getLogger("ingest.queue")
 STEP = 256 * 1024
 
 
-class ReadAhead:
-    """One green thread that refills the memory part of queues with a backlog."""
+class SerialWorker:
+    """Queues asking for one kind of background work, served in the order they asked by
+    one green thread (`work(q)`, defined by the subclass)."""
 
     def __init__(self):
-        self.wanted = collections.OrderedDict()    # queues to refill, oldest request first
+        self.wanted = collections.OrderedDict()    # queues waiting, oldest request first
         self.kick = None
 
     def start(self):
         eventlet.spawn_n(self._loop)
 
-    def want(self, q):
+    def _add(self, q):
         if q in self.wanted:
             return
         self.wanted[q] = None
@@ -54,10 +55,23 @@ class ReadAhead:
                 self.kick.wait()
                 continue
             q, _ = self.wanted.popitem(last=False)
-            try:
-                self.fill(q)
-            except OSError as exc:
-                jr.fatal_io_error("reading back queue %s" % q.name, exc)
+            self.work(q)
+
+    def work(self, q):
+        raise NotImplementedError
+
+
+class ReadAhead(SerialWorker):
+    """Refills the memory part of queues with a backlog (`want(q)`)."""
+
+    def want(self, q):
+        self._add(q)
+
+    def work(self, q):
+        try:
+            self.fill(q)
+        except OSError as exc:
+            jr.fatal_io_error("reading back queue %s" % q.name, exc)
 
     @staticmethod
     def fill(q):

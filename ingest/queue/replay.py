@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import time
 import zlib
 
@@ -53,6 +54,7 @@ STREAM_CHUNK = 1 << 20      # bytes per read of the lagging reader
 RESYNC_WINDOW = 1 << 20
 ADD_RECORD_MIN = HEADER_BYTES + ADD_BODY_MIN          # 25: the smallest item record
 REMOVE_CRC = HEADER.unpack_from(jr.REMOVE_RECORD)[1]
+_LENGTH = struct.Struct("<I")                         # a record's length field
 # A valid record has its opcode at offset 8: the candidates a resync scan tries.
 _OPCODE = re.compile(rb"[\x01-\x06]")
 
@@ -176,25 +178,41 @@ class _Replay:
     def _chunk(self, buf, base):
         """Apply every complete record in `buf` (file offset `base`).  Returns (file
         offset where it stopped, True when it stopped at a record that fails a check)."""
-        stream, unpack, fast = self.stream, HEADER.unpack_from, not self.verify
+        unpack, fast = HEADER.unpack_from, not self.verify
         n, p = len(buf), 0
         while n - p >= HEADER_BYTES + 1:
+            if fast and buf[p + HEADER_BYTES] == OP_ADD:
+                p = self._adds(buf, p, n)
+                if n - p < HEADER_BYTES + 1:
+                    break
             length, crc = unpack(buf, p)
             end = p + HEADER_BYTES + length
             if end > n:
                 break
             op = buf[p + HEADER_BYTES]
-            if fast and op == OP_ADD and length >= ADD_BODY_MIN:
-                # PERF: item records are only stepped over here (checked when read into
-                # memory): 2M x 1 KiB records replay in ~1 s instead of ~4.5 s.
-                stream.items += 1
-                stream.bytes += length - ADD_BODY_MIN
-            elif op == jr.OP_REMOVE and length == 1 and crc == REMOVE_CRC:
+            if op == jr.OP_REMOVE and length == 1 and crc == REMOVE_CRC:
                 self._pop(False)
             elif not self._record(buf, p, end, op, length, crc, base + end):
                 return base + p, True
             p = end
         return base + p, False
+
+    def _adds(self, buf, p, n):
+        """Step over the run of item records at `p` (the fast path); returns where the
+        run ends.  PERF: item records are only stepped over here (each is checked when
+        read into memory), in this tight loop: the whole replay of 2M x 1 KiB records
+        took 0.9-1.0 s of CPU, against 1.1-1.3 s with the general loop and ~4.7 s when
+        every record's crc was computed (2.3 us per record)."""
+        length_at, start, count, last = _LENGTH.unpack_from, p, 0, n - HEADER_BYTES - 1
+        while p <= last and buf[p + HEADER_BYTES] == OP_ADD:
+            end = p + HEADER_BYTES + length_at(buf, p)[0]
+            if end > n or end - p < ADD_RECORD_MIN:
+                break
+            p = end
+            count += 1
+        self.stream.items += count
+        self.stream.bytes += p - start - ADD_RECORD_MIN * count
+        return p
 
     def _whole(self, pos):
         """The record at `pos` when it did not fit in one read: an item record bigger

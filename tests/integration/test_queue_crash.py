@@ -95,6 +95,7 @@ def test_torn_journal_tail_is_truncated_and_logged(tmp_path):
         assert "truncated" in server.proc.output()
         assert os.path.getsize(path) == good
         w = Wire(server)
+        assert w.stats()["queue_torn_logsize"] == str(good)     # not counting the cut
         assert w.set("torn", b"four") == b"STORED"
         assert drain(w, "torn") == [b"one", b"two", b"three", b"four"]
     finally:

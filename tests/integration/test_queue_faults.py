@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from testkit.damage import flip_byte
 from testkit.procs import Proc, QueueServer, ingest_argv, wait_until
 from testkit.rawqueue import Wire
 
@@ -27,33 +28,33 @@ def write_config(tmp_path, config, name="faults"):
     return path
 
 
-def flip(path, offset):
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)[0]
-        fh.seek(offset)
-        fh.write(bytes((byte ^ 0x20,)))
-
-
 def damaged_copies(data_dir):
     return sorted(n for n in os.listdir(data_dir) if ".damaged-" in n)
 
 
 # ---- bad bytes ---------------------------------------------------------------------------
 
+def restart_damaged(server, queue, items, flips):
+    """Store `items`, stop, flip a byte at each (item index, offset in its record),
+    start again; returns the damaged file's bytes."""
+    put(Wire(server), queue, items)
+    assert server.proc.stop() == 0
+    path = os.path.join(server.data, queue)
+    record = os.path.getsize(path) // len(items)
+    for index, offset in flips:
+        flip_byte(path, index * record + offset)
+    with open(path, "rb") as fh:
+        damaged = fh.read()
+    server.start()
+    return damaged
+
+
 def test_flipped_byte_mid_journal_loses_one_item_and_keeps_the_file(tmp_path):
     server = QueueServer(tmp_path, sync_ms=0, name="flip").start()
     try:
         items = make_items(1000)
-        put(Wire(server), "flip", items)
-        assert server.proc.stop() == 0
-        path = os.path.join(server.data, "flip")
-        record = os.path.getsize(path) // len(items)
-        flip(path, 499 * record + 500)              # inside item 499's data
-        flip(path, 700 * record + 1)                # item 700's length field
-        with open(path, "rb") as fh:
-            damaged = fh.read()
-        server.start()
+        # item 499's data, and item 700's length field (repaired: its crc still matches)
+        damaged = restart_damaged(server, "flip", items, [(499, 500), (700, 1)])
         w = Wire(server)
         assert get_many(w, "flip", 999) == items[:499] + items[500:]
         assert w.get("flip") is None
@@ -72,11 +73,7 @@ def test_flipped_byte_in_the_read_behind_part_is_found_when_read_back(tmp_path):
                          name="behind").start()
     try:
         items = make_items(2000)
-        put(Wire(server), "late", items)
-        assert server.proc.stop() == 0
-        path = os.path.join(server.data, "late")
-        flip(path, 1499 * os.path.getsize(path) // len(items) + 500)   # past the bound
-        server.start()
+        restart_damaged(server, "late", items, [(1499, 500)])   # far past the bound
         w = Wire(server)
         assert get_many(w, "late", 1999) == items[:1499] + items[1500:]
         assert w.get("late") is None

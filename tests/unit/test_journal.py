@@ -13,6 +13,7 @@ import pytest
 from ingest.queue import journal as jr
 from ingest.queue import replay
 from ingest.queue.backlog import ITEM_OVERHEAD, Backlog, Damaged
+from testkit.damage import flip_byte
 
 
 def add(data, add_ms=1000, expiry_ms=0):
@@ -96,14 +97,6 @@ def test_torn_tail_is_truncated_with_a_log_line(tmp_path, caplog):
     assert "truncated" in caplog.text
 
 
-def _flip(path, offset):
-    with open(path, "r+b") as fh:
-        fh.seek(offset)
-        byte = fh.read(1)[0]
-        fh.seek(offset)
-        fh.write(bytes((byte ^ 0x20,)))
-
-
 def _damaged_copies(tmp_path):
     return [n for n in os.listdir(str(tmp_path)) if ".damaged-" in n]
 
@@ -112,7 +105,7 @@ def test_flipped_byte_mid_journal_loses_only_that_item(tmp_path, caplog):
     items = [add(b"item-%02d" % i * 10) for i in range(10)]
     path = write(tmp_path, *items)
     original = open(path, "rb").read()
-    _flip(path, sum(len(r) for r in items[:5]) + 40)     # inside item 5's data
+    flip_byte(path, sum(len(r) for r in items[:5]) + 40)     # inside item 5's data
     damaged = open(path, "rb").read()
     with caplog.at_level(logging.ERROR, logger="ingest.queue.journal"):
         loaded = load(path)
@@ -128,7 +121,7 @@ def test_flipped_byte_mid_journal_loses_only_that_item(tmp_path, caplog):
 def test_flipped_length_field_is_repaired(tmp_path, caplog):
     items = [add(b"%03d" % i * 30) for i in range(40)]
     path = write(tmp_path, *items)
-    _flip(path, sum(len(r) for r in items[:20]) + 1)      # item 20's length field
+    flip_byte(path, sum(len(r) for r in items[:20]) + 1)      # item 20's length field
     with caplog.at_level(logging.ERROR, logger="ingest.queue.journal"):
         loaded = load(path)
     assert data(loaded.head) == data(items) and loaded.lost == 0
@@ -153,7 +146,7 @@ def test_removals_after_a_gap_never_drop_a_later_item(tmp_path):
     a, b, c = add(b"a" * 30), add(b"b" * 30), add(b"c" * 30)
     for removes, lost in ((2, 0), (1, 1)):
         path = write(tmp_path, a, b, c, jr.REMOVE_RECORD * removes, name="g%d" % removes)
-        _flip(path, len(a) + 30)
+        flip_byte(path, len(a) + 30)
         loaded = load(path)
         assert (data(loaded.head), loaded.lost) == ([b"c" * 30], lost)
 
