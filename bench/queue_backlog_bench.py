@@ -5,8 +5,10 @@ with `max_memory_bytes` = --bound-mib for every queue, a data directory under /t
 (about 1.05 KiB of disk per item), this load client on core 0, and over raw sockets:
 
 1. fills one queue with --items 1 KiB items, pipelined 100 sets per write: sets/s while
-   the queue still fits in memory (the first --memory-items) and while behind (the
-   rest), and their ratio, measured in the same run;
+   it still fits in memory (the first --memory-items), then while behind, window by
+   window (--window sets), each window paired with as many sets on a second queue that
+   stays in memory (flushed after each window); the ratio reported is the median of
+   the windows' ratios, so the drift of a shared machine cancels out;
 2. restarts the server twice (SIGTERM, then SIGKILL) and times from the process start
    to the first answered `get` with the whole backlog on disk;
 3. drains the queue with pipelined gets (100 per write), checking every item comes back
@@ -105,22 +107,40 @@ def read_exact(sock, n, buf):
     return buf
 
 
-def fill(server, first, last):
-    """Sets of items first..last-1, BATCH per write; returns seconds."""
+def fill(server, first, last, queue=QUEUE):
+    """Sets of items first..last-1 on `queue`, BATCH per write; returns seconds."""
     sock = connect(server)
     reply = b"STORED\r\n" * BATCH
     start = time.monotonic()
     for i in range(first, last, BATCH):
         n = min(BATCH, last - i)
-        sock.sendall(b"".join(b"set %s 0 0 %d\r\n%s\r\n" % (QUEUE, ITEM, item(j))
+        sock.sendall(b"".join(b"set %s 0 0 %d\r\n%s\r\n" % (queue, ITEM, item(j))
                               for j in range(i, i + n)))
         got = read_exact(sock, len(reply[:8 * n]), bytearray())
         if bytes(got) != reply[:8 * n]:
             raise SystemExit("unexpected replies: %r" % bytes(got[:100]))
         if time.monotonic() - start > PHASE_CAP_S:
             raise SystemExit("fill took longer than %d s" % PHASE_CAP_S)
+    if queue != QUEUE:
+        sock.sendall(b"flush %s\r\n" % queue)     # it stays in memory, window after window
+        read_exact(sock, 5, bytearray())
     sock.close()
     return time.monotonic() - start
+
+
+def paired_fill(server, first, last, window):
+    """Sets on the queue that is behind, window by window, each window followed by the
+    same number of sets on a queue that stays in memory (flushed after each window):
+    the median of the per-window ratios cancels the drift of a shared machine."""
+    behind_s, memory_s, ratios = 0.0, 0.0, []
+    for i in range(first, last, window):
+        j = min(last, i + window)
+        b = fill(server, i, j)
+        m = fill(server, i, j, queue=b"inmemory")
+        behind_s, memory_s = behind_s + b, memory_s + m
+        ratios.append(m / b)
+    ratios.sort()
+    return behind_s, memory_s, ratios[len(ratios) // 2]
 
 
 def drain(server, first, last, empty_after=False):
@@ -221,19 +241,20 @@ def run(args, tmp):
     with open(config, "w") as fh:
         json.dump({"default": {"max_memory_bytes": args.bound_mib << 20}}, fh)
     server = QueueServer(tmp, sync_ms=100, extra=("--config", config), name="backlog",
-                         cpu=1, quiet=True, logdir=tmp).start()
+                         cpu=args.server_cpu, quiet=True, logdir=tmp).start()
     n, mem = args.items, args.memory_items
-    out = {"items": n, "bound_mib": args.bound_mib,
+    out = {"items": n, "bound_mib": args.bound_mib, "server_cpu": args.server_cpu,
            "idle_rss_mib": round(rss_kib(server.proc.pid) / 1024, 1)}
     try:
         out["restart_s_empty"] = round(first_answer(server, kill=False), 2)
         sampled(server, out, "idle", lambda: time.sleep(2))   # the loop's baseline
         secs = sampled(server, out, "fill_memory", lambda: fill(server, 0, mem))
-        out["sets_per_s_in_memory"] = rate(mem, secs)
-        secs = sampled(server, out, "fill_behind", lambda: fill(server, mem, n))
-        out["sets_per_s_behind"] = rate(n - mem, secs)
-        out["sets_ratio_behind_to_memory"] = round(
-            out["sets_per_s_behind"] / out["sets_per_s_in_memory"], 3)
+        out["sets_per_s_first_in_memory"] = rate(mem, secs)
+        behind_s, memory_s, ratio = sampled(server, out, "fill_behind", lambda: paired_fill(
+            server, mem, n, args.window))
+        out["sets_per_s_behind"] = rate(n - mem, behind_s)
+        out["sets_per_s_in_memory_paired"] = rate(n - mem, memory_s)
+        out["sets_ratio_behind_to_memory"] = round(ratio, 3)
         out["journal_bytes"] = os.path.getsize(os.path.join(server.data, QUEUE.decode()))
         out["restart_s_after_sigterm"] = round(first_answer(server, kill=False), 2)
         out["restart_s_after_kill9"] = round(first_answer(server, kill=True), 2)
@@ -260,7 +281,12 @@ def main():
     ap.add_argument("--items", type=int, default=2000000)
     ap.add_argument("--bound-mib", type=int, default=64)
     ap.add_argument("--memory-items", type=int, default=50000,
-                    help="items set before the queue reaches its bound (the baseline)")
+                    help="items set before the queue reaches its bound")
+    ap.add_argument("--window", type=int, default=20000,
+                    help="sets per window of the paired behind / in-memory comparison")
+    ap.add_argument("--server-cpu", type=lambda v: None if v == "none" else int(v),
+                    default=1, help="core the server is pinned to ('none': not pinned,"
+                    " so the rewrite's native thread can run on another core)")
     ap.add_argument("--verbose", action="store_true", help="print the server's log")
     args = ap.parse_args()
     os.sched_setaffinity(0, {0})     # the load client on core 0, the server on core 1

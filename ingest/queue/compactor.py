@@ -12,8 +12,8 @@ server keeps serving:
      top of the snapshot) and fsync, again until a round ends with nothing new;
   4. then on the loop, without yielding: copy the last records, rename over the journal,
      give the queue the new descriptor (Journal.swap) and move the backlog's position.
-Writes, reads and fsyncs run in eventlet's tpool; parsing runs on the loop in 512 KiB
-steps.  A rewrite that fails (ENOSPC, EIO, damage) is abandoned cleanly: the temp file
+Writes, reads and fsyncs run in eventlet's tpool; parsing runs on the loop in steps of
+at most 512 KiB and 4096 records.  A rewrite that fails (ENOSPC, EIO, damage) is abandoned cleanly: the temp file
 is removed, the old journal was never touched, an error line says so, and the queue is
 not tried again before a back-off (1 s, doubling up to 5 minutes).
 
@@ -27,6 +27,7 @@ import posix
 import time
 import zlib
 
+import eventlet
 from eventlet import tpool
 
 from ingest.queue import journal as jr
@@ -143,12 +144,16 @@ class _Rewrite:
             self._check()
             if not data:
                 raise OSError("the journal ends at %d, before %d" % (pos, end))
-            buf = rest + data if rest else data
-            records, used = _items(buf, pos - len(rest))
+            buf, used, base = rest + data if rest else data, 0, pos - len(rest)
+            while True:
+                records, used, more = _items(buf, used, base)
+                if records:
+                    self._write(b"".join(records))
+                if not more:
+                    break
+                eventlet.sleep(0)           # a long run of small records: let others run
             pos += len(data)
             rest = buf[used:]
-            if records:
-                self._write(b"".join(records))
         if rest:
             raise OSError("incomplete record at offset %d of the journal" % (end - len(rest)))
 
@@ -195,23 +200,28 @@ def _drain(items):
         yield items.popleft()   # written records are released as the rewrite goes
 
 
-def _items(buf, base):
-    """(item records, bytes used) of the complete records in `buf` (file offset `base`);
-    OSError for one that fails its check."""
-    out, p, n = [], 0, len(buf)
+def _items(buf, p, base, limit=4096):
+    """(item records, where parsing stopped, more?) for the complete records in `buf`
+    from `p` on (file offset of buf[0]: `base`), at most `limit` records (then more is
+    True); OSError for one that fails its check."""
+    out, n = [], len(buf)
     while n - p > jr.HEADER_BYTES:
+        if not limit:
+            return out, p, True
+        limit -= 1
         length, crc = jr.HEADER.unpack_from(buf, p)
         end = p + jr.HEADER_BYTES + length
         if end > n:
             break
         op = buf[p + jr.HEADER_BYTES]
-        if not jr.body_fits(op, length) or (op == jr.OP_ADD and zlib.crc32(
-                memoryview(buf)[p + jr.HEADER_BYTES:end]) != crc):
-            raise OSError("damaged record at offset %d of the journal" % (base + p))
-        if op == jr.OP_ADD:
+        if op == jr.OP_ADD and length >= jr.ADD_BODY_MIN:
+            if zlib.crc32(memoryview(buf)[p + jr.HEADER_BYTES:end]) != crc:
+                raise OSError("damaged record at offset %d of the journal" % (base + p))
             out.append(buf[p:end])
+        elif not jr.body_fits(op, length):
+            raise OSError("damaged record at offset %d of the journal" % (base + p))
         p = end
-    return out, p
+    return out, p, False
 
 
 def _discard(fd, path):
