@@ -109,10 +109,10 @@ class _Rewrite:
         memory = collections.deque(q.items)
         backlog = q.backlog
         mark = (backlog, backlog.pos, backlog.consumed) if backlog else (None, start, 0)
-        self.new = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
-                           0o644)
         self.old = os.open(self.j.path, os.O_RDONLY)
         try:
+            self.new = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                               0o644)
             for records in (_drain(opened), xids, _drain(memory)):
                 self._write_records(records)
             disk_start = self.written
@@ -179,18 +179,19 @@ class _Rewrite:
             jr.write_chunk(self.new, os.pread(self.old, j.size - copied, copied))
             if self.sync_ms == 0:
                 os.fsync(self.new)       # what was acknowledged must stay durable
-        os.rename(self.tmp, j.path)
         backlog, pos0, consumed0 = mark
-        current = self.q.backlog
-        if current is not None:
+        current, pos = self.q.backlog, None
+        if current is not None:          # where the backlog's next item is in the new file
             if current is backlog and current.pos < start:
                 pos = disk_start + current.consumed - consumed0
             else:
                 pos = snapshot + current.pos - start
-            current.pos = current.base = pos
-            current.buf = b""
+        os.rename(self.tmp, j.path)      # the last step that can fail
         j.swap(self.new, snapshot + j.size - start, self.close_fd)
         self.new = None
+        if current is not None:
+            current.pos = current.base = pos
+            current.buf = b""
         self.q.rewrites += 1
         log.info("queue %s: journal rewritten, %d -> %d bytes", self.q.name, before, j.size)
 

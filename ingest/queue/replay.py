@@ -163,7 +163,7 @@ class _Replay:
         self.max_xid = 0
         self.skipped = 0                     # head operations that referred to nothing
         self.repaired = 0                    # records whose length field was put right
-        self.tail = None                     # (offset, incomplete?) of a bad tail
+        self.tail = None                     # a bad tail: see _damage
 
     def scan(self):
         pos = 0

@@ -139,9 +139,12 @@ class Queue:
         self.bytes += size
 
     def _pop(self):
-        """Take the head item out of the queue (the caller journals why)."""
+        """Take the head item out of the queue (the caller journals why); None when the
+        only items left turned out damaged when read back."""
         if not self.items:
             self._read_back()
+            if not self.items:
+                return None
         record = self.items.popleft()
         size = jr.item_size(record)
         self.mem_bytes -= size
@@ -153,7 +156,8 @@ class Queue:
 
     def _drop_head(self):
         record = self._pop()
-        self._log(jr.REMOVE_RECORD)
+        if record is not None:
+            self._log(jr.REMOVE_RECORD)
         return record
 
     def head(self):
@@ -189,9 +193,9 @@ class Queue:
     def open_head(self, now_ms):
         """Tentatively remove the head; returns (xid, record) or None."""
         self.expire_head(now_ms)
-        if not self.count():
+        record = self._pop() if self.count() else None
+        if record is None:
             return None
-        record = self._pop()
         xid, self.next_xid = self.next_xid, self.next_xid + 1
         self.open[xid] = record
         self.open_bytes += jr.item_size(record)
