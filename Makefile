@@ -46,10 +46,12 @@ tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.js
 js: tests/js/node_modules/.installed
 
 # ---- commands -----------------------------------------------------------------------
+# The preflight refuses to start (one line per problem, exit 1) when a port of the tree
+# is taken or var/ is not writable, rather than leaving nginx or a worker crash-looping.
 run: venv nginx
-	mkdir -p var/log var/queue var/spool
-	INGEST_WORKERS=$${INGEST_WORKERS:-$$(nproc)} INGEST_PORT=$${INGEST_PORT:-8080} \
-	  exec $(VENV)/bin/supervisord -n -c supervisord.conf
+	export INGEST_WORKERS=$${INGEST_WORKERS:-$$(nproc)} INGEST_PORT=$${INGEST_PORT:-8080}; \
+	  $(PY) deploy/launch.py preflight && mkdir -p var/log var/queue var/spool && \
+	  exec $(VENV)/bin/supervisord -n -c supervisord.conf -u $$(id -u)
 
 test: venv-dev nginx chromium js
 	$(PY) -m pytest -q tests/unit tests/integration

@@ -1,8 +1,17 @@
+import os
+import re
+
 from setuptools import find_packages, setup
+
+# The version is written once, in ingest/__init__.py (`ingest --version` prints it).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ingest", "__init__.py"),
+          encoding="utf-8") as fh:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', fh.read(), re.M).group(1)
 
 setup(
     name="ingest",
-    version="0.1.0",
+    version=VERSION,
+    license="MIT",
     description="Mixpanel-compatible event ingestion server on eventlet, with a Kestrel-compatible queue",
     packages=find_packages(include=["ingest", "ingest.*"]),
     python_requires=">=3.11",

@@ -1,6 +1,7 @@
 """Write a synthetic access log in the JSON-lines format deploy/nginx.conf writes.
 
     python -m bench.make_log --requests N --out FILE [--seed S] [--start-time EPOCH]
+        [--rate R] [--only SHAPE] [--batch-size B]
 
 The mix imitates what the three official SDKs send (docs/http-api.md):
 browser batch POSTs and legacy GETs, Node GETs with base64 `data` and unescaped-base64
@@ -9,9 +10,10 @@ malformed requests (bad base64, truncated JSON, no `data`).  Batch sizes, proper
 and value sizes are drawn from skewed distributions so that most requests are small and a
 few are large, as in production traffic.
 
-Event times are near `--start-time` (default: now), because /track refuses events more
-than five days old: regenerate the log rather than replaying a stale one.  This module
-only writes a file; it never talks to a server.
+Requests are logged `--rate` per second from `--start-time` (default: 1,000/s from now),
+with nginx's one-second time stamps.  Event times are near the request's time; /track
+refuses events more than five days old, so replay an old log with `--shift-time` (or
+regenerate it).  This module only writes a file; it never talks to a server.
 """
 import argparse
 import functools
@@ -241,31 +243,36 @@ class Generator:
 
 
 def log_line(t, method, uri, content_type, body, user_agent, status, rnd):
-    """One line as nginx's `ingest_replay` log_format writes it (escape=json)."""
+    """One captured line as nginx's `ingest_access` log_format writes it (escape=json)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(t))
+    remote_addr = "203.0.113.%d" % rnd.randint(1, 254)
+    request_time = round(rnd.uniform(0.0005, 0.004), 3)
     # Key order and value types follow deploy/nginx.conf's log_format exactly.
-    fields = [("time", stamp), ("remote_addr", "203.0.113.%d" % rnd.randint(1, 254)),
-              ("method", method), ("uri", uri), ("status", status),
-              ("content_type", content_type), ("body", body),
-              ("request_time", round(rnd.uniform(0.0005, 0.004), 3)),
-              ("bytes_sent", 1 if status == 200 else 60), ("user_agent", user_agent)]
+    fields = [("time", stamp), ("remote_addr", remote_addr), ("x_forwarded_for", ""),
+              ("method", method), ("path", uri.split("?", 1)[0]), ("status", status),
+              ("content_type", content_type),
+              ("request_length", len(uri) + len(body.encode("utf-8")) + 120),
+              ("request_time", request_time), ("bytes_sent", 1 if status == 200 else 60),
+              ("upstream", "127.0.0.1:8100"), ("user_agent", user_agent), ("uri", uri),
+              ("body", body)]
     return "{" + ",".join(json.dumps(k) + ":" + json.dumps(v, ensure_ascii=False)
                           for k, v in fields) + "}\n"
 
 
-def generate(path, requests, seed=1, start_time=None, only=None, batch=None):
-    """Write `requests` lines to `path`; returns the count of malformed ones.
+def generate(path, requests, seed=1, start_time=None, only=None, batch=None, rate=1000.0):
+    """Write `requests` lines to `path`, `rate` per recorded second; returns the count of
+    malformed ones.
 
     `only` (a SHAPES name) writes that request shape alone and no malformed requests,
-    `batch` fixes the batch size: the endpoint issue's benchmarks use
-    only="node_get_track" (single-event GETs) and only="node_batch_track", batch=50."""
+    `batch` fixes the batch size: the single-event and batch benchmarks use
+    only="node_get_track" and only="node_batch_track", batch=50."""
     start_time = time.time() if start_time is None else start_time
     gen = Generator(seed, start_time, only, batch)
     share = 0.0 if only else MALFORMED_SHARE
     malformed = 0
     with open(path, "w", encoding="utf-8") as out:
         for i in range(requests):
-            t = start_time + i * 0.001
+            t = start_time + i / rate
             if gen.rnd.random() < share:
                 malformed += 1
                 req, status = gen.malformed(t), 400
@@ -285,13 +292,17 @@ def main(argv=None):
     p.add_argument("--only", choices=[name for name, _ in SHAPES], default=None,
                    help="write only this request shape (no malformed requests)")
     p.add_argument("--batch-size", type=int, default=None, help="fixed records per batch (1-50)")
+    p.add_argument("--rate", type=float, default=1000.0,
+                   help="requests per recorded second (default 1000)")
     args = p.parse_args(argv)
     if args.requests <= 0:
         p.error("--requests must be positive")
+    if args.rate <= 0:
+        p.error("--rate must be positive")
     if args.batch_size is not None and not 1 <= args.batch_size <= 2000:
         p.error("--batch-size must be between 1 and 2000")
     bad = generate(args.out, args.requests, args.seed, args.start_time, args.only,
-                   args.batch_size)
+                   args.batch_size, args.rate)
     print("wrote %d requests (%d malformed) to %s" % (args.requests, bad, args.out),
           file=sys.stderr)
     return 0

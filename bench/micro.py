@@ -36,8 +36,9 @@ EXTERNAL = {"routing": "bench/routing_bench.py", "kestrel": "bench/kestrel_clien
 # ==== environ from log entries ===========================================================
 
 def environ_template(entry):
-    """A WSGI environ for one (method, uri, content_type, body, client) log entry."""
-    method, uri, content_type, body, client = entry
+    """A WSGI environ for one log entry (bench.capture.Entry)."""
+    method, uri, content_type, body, client = entry[:5]
+    body = body or b""
     path, _, query = uri.partition(b"?")
     env = {
         "REQUEST_METHOD": method, "SCRIPT_NAME": "",

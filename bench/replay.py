@@ -1,18 +1,32 @@
-"""Replay requests drawn at random from an access log against one server, and report.
+"""Replay an access-log capture against one server, count what its answers say, report.
 
-    python -m bench.replay --log FILE --url URL [--processes P] [--concurrency C]
-        [--duration S] [--rate R] [--out DIR] [--baseline | --baseline-url URL]
+    python -m bench.replay --log FILE --url URL [--order random|recorded] [--speed X]
+        [--shift-time] [--verbose] [--processes P] [--concurrency C] [--duration S]
+        [--rate R] [--out DIR] [--baseline | --baseline-url URL] [--max-rejected PCT]
 
 P processes x C green threads, each green thread owning one persistent HTTP/1.1
-connection, each request drawn at random from the pre-processed log (the shape of the
-2011 benchmark: client processes with 25 green threads each).  Without --rate the loop is
-closed (send the next request as soon as the previous answer arrived); with --rate R the
-P x C threads share an open-loop schedule of R requests/s in total, and latency is
-measured from the scheduled send time, so a stalled server shows up as latency instead
-of silently lowering the offered load.
+connection (the shape of the 2011 benchmark: client processes with 25 green threads).
 
-The log is the JSON-lines format deploy/nginx.conf writes (POST bodies included), or
-nginx's default "combined" format (GET requests only, since it has no bodies).
+- `--order random` (the default) draws each request at random from the log, closed loop
+  (the next request as soon as the previous answer arrived) or, with --rate R, on an
+  open-loop schedule of R requests/s shared by all threads, latency measured from the
+  scheduled send time so a stalled server shows up as latency instead of silently
+  lowering the offered load.
+- `--order recorded` sends every logged request once, in log order, at the recorded
+  pace divided by --speed (1 = as recorded, 0 = as fast as the connections go); latency
+  is measured from the scheduled time too.
+
+Only the ingestion paths are replayed by default (bench/capture.py); `--shift-time` moves
+every record's time so the newest lands at now (bench/payload.py); `--verbose` asks for
+verbose answers.  Each answer is read for what it says about the request's records:
+accepted, rejected by reason, or not told (bench/outcome.py); more rejected records than
+--max-rejected percent fails the run (exit status 3, and a red line in report.md).
+
+The log is the JSON-lines format deploy/nginx.conf writes (`ingest_access`; only its
+captured lines carry the query string and body, INGEST_ACCESS_LOG_CAPTURE_PERCENT, and
+the others are skipped), or nginx's default "combined" format (GET requests only, since
+it has no bodies).  The client's X-Forwarded-For, when logged, is sent again ahead of the
+logged peer address.
 
 The HTTP client is a deliberately small raw-socket one: the load generator must not be
 the bottleneck, and a general-purpose library costs several times more CPU per request.
@@ -20,7 +34,8 @@ It must not follow redirects, retry failed requests (except once on a keep-alive
 connection the server closed while idle), or talk to anything but the given URL.
 """
 import argparse
-import json
+import base64
+import datetime
 import os
 import random
 import re
@@ -28,6 +43,7 @@ import resource
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -35,92 +51,25 @@ from array import array
 from multiprocessing import connection as mp_connection
 from multiprocessing import get_context
 
-from testkit.procs import LOOPBACK, Proc, cpu_seconds, free_port, pinned
+from bench import capture, cpu, outcome, payload
+from bench.capture import build_request, load_log  # noqa: F401  (the names others import)
+from testkit.procs import LOOPBACK, ROOT, Proc, free_port, pinned
 
 DEFAULT_CONCURRENCY = 25
+DEFAULT_DURATION_S = 10.0
 READY_TIMEOUT_S = 30.0
 ERROR_BACKOFF_S = 0.01
+# Keep at most this much of an answer's body: enough for any verbose or strict answer.
+MAX_BODY_KEPT = 1 << 16
+EXIT_TOO_MANY_REJECTED = 3
 
 
-# ==== access log -> list of (method, uri, content_type, body, client) =================
-
-_COMBINED = re.compile(
-    r'^(?P<addr>\S+) \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<uri>\S+) HTTP/[0-9.]+" '
-    r'(?P<status>\d{3}) ')
-_HEX_ESCAPE = re.compile(r"\\x([0-9A-Fa-f]{2})")
-
-
-def _bytes(text):
-    # Lines are decoded with surrogateescape, so raw bytes >= 0x80 that nginx passed
-    # through unescaped come back out exactly as they were sent.
-    return text.encode("utf-8", "surrogateescape")
-
-
-def parse_json_line(text):
-    """One `ingest_replay` log line -> entry tuple, or None if it is not one."""
-    try:
-        rec = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(rec, dict) or not rec.get("method") or not rec.get("uri"):
-        return None
-    # nginx logs an unset variable as "" with escape=json and "-" otherwise.
-    content_type = rec.get("content_type") or ""
-    body = rec.get("body") or ""
-    content_type = "" if content_type == "-" else content_type
-    body = "" if body == "-" else body
-    return (rec["method"], _bytes(rec["uri"]), _bytes(content_type), _bytes(body),
-            str(rec.get("remote_addr") or ""))
-
-
-def parse_combined_line(text):
-    """One nginx "combined" line -> entry tuple for GET requests, else None."""
-    m = _COMBINED.match(text)
-    if not m or m.group("method") != "GET":
-        return None
-    # nginx's default escaping writes bytes < 32 and > 126 and '"' as \xXX.
-    uri = _HEX_ESCAPE.sub(lambda h: chr(int(h.group(1), 16)), m.group("uri"))
-    return ("GET", uri.encode("latin-1", "replace"), b"", b"", m.group("addr"))
-
-
-def load_log(path):
-    """Read the whole log once; returns (entries, skipped line count)."""
-    entries, skipped = [], 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            text = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
-            if not text.strip():
-                continue
-            parse = parse_json_line if text.lstrip().startswith("{") else parse_combined_line
-            entry = parse(text)
-            if entry is None:
-                skipped += 1
-            else:
-                entries.append(entry)
-    return entries, skipped
-
-
-def build_request(entry, host_header, prefix=b""):
-    """The exact bytes of one HTTP/1.1 request, built once so replay only calls sendall."""
-    method, uri, content_type, body, client = entry
-    lines = [b"%s %s%s HTTP/1.1" % (method.encode("ascii"), prefix, uri),
-             b"Host: " + host_header, b"User-Agent: ingest-bench/1", b"Accept: */*"]
-    if client:
-        # In production nginx adds this; the worker trusts it from loopback.
-        lines.append(b"X-Forwarded-For: " + client.encode("ascii", "replace"))
-    if content_type:
-        lines.append(b"Content-Type: " + content_type)
-    if body or method in ("POST", "PUT"):
-        lines.append(b"Content-Length: %d" % len(body))
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
+# ==== the log -> the requests to send =====================================================
 
 def build_requests(entries, url):
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError("--url must be http://host:port[/prefix], not %r" % url)
-    prefix = parts.path.rstrip("/").encode("ascii")
-    return [build_request(e, parts.netloc.encode("ascii"), prefix) for e in entries]
+    """The request bytes alone, as they are sent (for tools that only need those)."""
+    host, prefix = capture.split_url(url)
+    return [build_request(e, host, prefix) for e in entries]
 
 
 # ==== a minimal HTTP/1.1 client ===========================================================
@@ -161,7 +110,8 @@ class Client:
             self.sock = None
 
     def request(self, raw):
-        """Send one request, read the whole response, return the status code."""
+        """Send one request, read the whole response; returns (status, body), the body
+        cut at MAX_BODY_KEPT bytes."""
         if self.sock is None:
             self.connect()
         reused = self.used
@@ -213,19 +163,21 @@ class Client:
         if m is not None:
             missing = int(m.group(1)) - len(body)
             while missing > 0:
-                missing -= len(self._recv())
+                chunk = self._recv()
+                missing -= len(chunk)
+                if len(body) < MAX_BODY_KEPT:
+                    body += chunk
         elif b"\r\ntransfer-encoding: chunked" in head:
-            self._read_chunked(body)
+            body = self._read_chunked(body)
         elif status >= 200 and status not in (204, 304):
-            self._read_to_close()
-            return status
+            return status, self._read_to_close(body)
         self.used = True
         if b"\r\nconnection: close" in head or head.startswith(b"http/1.0"):
             self.close()
-        return status
+        return status, body
 
     def _read_chunked(self, buf):
-        pos = 0
+        pos, body = 0, b""
         while True:
             eol = buf.find(b"\r\n", pos)
             while eol < 0:
@@ -235,14 +187,21 @@ class Client:
             need = eol + 2 + size + 2
             while len(buf) < need:
                 buf += self._recv()
+            if len(body) < MAX_BODY_KEPT:
+                body += buf[eol + 2:eol + 2 + size]
             pos = need
             if size == 0:  # no trailers from the servers we test
-                return
+                return body
 
-    def _read_to_close(self):
-        while self.sock.recv(65536):
-            pass
+    def _read_to_close(self, body):
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            if len(body) < MAX_BODY_KEPT:
+                body += chunk
         self.close()
+        return body
 
 
 class _IdleClosed(Exception):
@@ -257,20 +216,48 @@ class _State:
     def __init__(self):
         self.stop = False
         self.next_slot = 0.0
+        self.next_index = 0
         # Counted apart from the per-second buckets, so the report can check that the
         # buckets lost or double-counted nothing.
         self.total = 0
         self.swap()
 
     def swap(self):
-        """Start a new one-second bucket; returns the old one."""
-        old = (getattr(self, "lat", None), getattr(self, "status", None),
-               getattr(self, "errors", None))
-        self.lat, self.status, self.errors = array("d"), {}, {}
+        """Start a new one-second bucket; returns the old one: latencies of answers
+        without error, latencies of 5xx answers, statuses, errors, record counts."""
+        old = (getattr(self, "lat", None), getattr(self, "err_lat", None),
+               getattr(self, "status", None), getattr(self, "errors", None),
+               getattr(self, "records", None))
+        self.lat, self.err_lat, self.status, self.errors, self.records = (
+            array("d"), array("d"), {}, {}, {})
         return old
 
 
-def _worker(state, client, requests, rnd, interval, timeout_types):
+def _send(state, client, request, start, perf, timeout_types):
+    """Send one prepared request, time it, count its answer and its records."""
+    raw, n, strict = request
+    state.total += 1
+    try:
+        status, body = client.request(raw)
+    except timeout_types:
+        _count(state.errors, "timeout")
+        outcome.tally(state.records, 599, None, n, strict)
+        return
+    except (OSError, HttpError, ValueError) as exc:
+        _count(state.errors, type(exc).__name__)
+        outcome.tally(state.records, 599, None, n, strict)
+        # Back off a little so a dead server costs a few errors per second per
+        # thread, not a CPU-bound spin that would starve the other threads.
+        import eventlet
+        eventlet.sleep(ERROR_BACKOFF_S)
+        return
+    (state.err_lat if status >= 500 else state.lat).append(perf() - start)
+    status_counts = state.status
+    status_counts[status] = status_counts.get(status, 0) + 1
+    outcome.tally(state.records, status, body, n, strict)
+
+
+def _random_worker(state, client, requests, rnd, interval, timeout_types):
     """One green thread: draw, send, time, repeat until told to stop."""
     import eventlet
     perf = time.perf_counter
@@ -287,28 +274,35 @@ def _worker(state, client, requests, rnd, interval, timeout_types):
                 if state.stop:
                     return
             start = slot
-        state.total += 1
-        try:
-            status = client.request(pick(requests))
-        except timeout_types:
-            _count(state.errors, "timeout")
-            continue
-        except (OSError, HttpError, ValueError) as exc:
-            _count(state.errors, type(exc).__name__)
-            # Back off a little so a dead server costs a few errors per second per
-            # thread, not a CPU-bound spin that would starve the other threads.
-            eventlet.sleep(ERROR_BACKOFF_S)
-            continue
-        state.lat.append(perf() - start)
-        status_counts = state.status
-        status_counts[status] = status_counts.get(status, 0) + 1
+        _send(state, client, pick(requests), start, perf, timeout_types)
+
+
+def _recorded_worker(state, client, requests, offsets, timeout_types):
+    """One green thread: take the next request in log order, wait for its recorded time
+    (offsets None: at once), send; the threads together keep the log's order."""
+    import eventlet
+    perf = time.perf_counter
+    while not state.stop:
+        i = state.next_index
+        if i >= len(requests):
+            return
+        state.next_index = i + 1
+        start = perf()
+        if offsets is not None:
+            slot = state.next_slot + offsets[i]
+            if slot > start:
+                eventlet.sleep(slot - start)
+                if state.stop:
+                    return
+            start = slot
+        _send(state, client, requests[i], start, perf, timeout_types)
 
 
 def _count(counts, key):
     counts[key] = counts.get(key, 0) + 1
 
 
-def _child(pipe, requests, cfg, index):
+def _child(pipe, requests, offsets, cfg, index):
     """Entry point of a load generator process: connect, wait for t0, run, report."""
     import warnings
     warnings.simplefilter("ignore")  # eventlet's deprecation banner
@@ -331,14 +325,18 @@ def _child(pipe, requests, cfg, index):
     if delay > 0:
         time.sleep(delay)  # all processes start sending at the same instant t0
     state = _State()
-    rate = cfg["rate"] / cfg["processes"] if cfg["rate"] else 0.0
-    interval = 1.0 / rate if rate else 0.0
     state.next_slot = time.perf_counter() + (t0 - time.monotonic())
     pool = eventlet.GreenPool(len(clients))
-    base_seed = cfg["seed"] * 1000003 + index * 7919
-    for i, c in enumerate(clients):
-        rnd = random.Random(base_seed + i)
-        pool.spawn(_worker, state, c, requests, rnd, interval, (socket.timeout, TimeoutError))
+    timeouts = (socket.timeout, TimeoutError)
+    if cfg["order"] == "recorded":
+        for c in clients:
+            pool.spawn(_recorded_worker, state, c, requests, offsets, timeouts)
+    else:
+        rate = cfg["rate"] / cfg["processes"] if cfg["rate"] else 0.0
+        base_seed = cfg["seed"] * 1000003 + index * 7919
+        for i, c in enumerate(clients):
+            pool.spawn(_random_worker, state, c, requests, random.Random(base_seed + i),
+                       1.0 / rate if rate else 0.0, timeouts)
     _report_seconds(pipe, state, pool, t0, cfg["duration_s"])
     for c in clients:
         c.close()
@@ -349,17 +347,21 @@ def _child(pipe, requests, cfg, index):
 
 
 def _report_seconds(pipe, state, pool, t0, duration_s):
-    """Every second, hand the finished bucket to the parent; stop at t0 + duration."""
+    """Every second, hand the finished bucket to the parent; stop at t0 + duration, or
+    once every thread is done (a recorded replay that reached the end of the log)."""
     import eventlet
-    end = t0 + duration_s
+    from eventlet.event import Event
+    finished = Event()
+    eventlet.spawn_n(lambda: (pool.waitall(), finished.send(True)))
+    end = t0 + duration_s if duration_s else None
     k = 0
     while True:
         k += 1
-        target = min(t0 + k, end)
+        target = t0 + k if end is None else min(t0 + k, end)
         delay = target - time.monotonic()
-        if delay > 0:
-            eventlet.sleep(delay)
-        if target >= end:
+        if delay > 0 and not finished.ready():
+            finished.wait(timeout=delay)
+        if finished.ready() or (end is not None and target >= end):
             break
         _send_bucket(pipe, k, state.swap())
     # Let in-flight requests finish (each bounded by the socket timeout) so that every
@@ -370,8 +372,8 @@ def _report_seconds(pipe, state, pool, t0, duration_s):
 
 
 def _send_bucket(pipe, k, bucket, elapsed=None):
-    lat, status, errors = bucket
-    pipe.send(("second", k, lat.tobytes(), status, errors, elapsed))
+    lat, err_lat, status, errors, records = bucket
+    pipe.send(("second", k, lat.tobytes(), err_lat.tobytes(), status, errors, records, elapsed))
 
 
 # ==== the parent: start processes, merge their seconds, print progress ==================
@@ -381,48 +383,67 @@ class Second:
 
     def __init__(self, t):
         self.t = t
-        self.latencies = array("d")
+        self.latencies = array("d")         # answers without error
+        self.error_latencies = array("d")   # 5xx answers
         self.status = {}
-        self.errors = {}
+        self.errors = {}                    # connection errors, timeouts, bad replies
+        self.records = {}
         self.reports = 0
 
-    def add(self, lat_bytes, status, errors):
+    def add(self, lat_bytes, err_lat_bytes, status, errors, records):
         self.latencies.frombytes(lat_bytes)
-        for key, n in status.items():
-            self.status[key] = self.status.get(key, 0) + n
-        for key, n in errors.items():
-            self.errors[key] = self.errors.get(key, 0) + n
+        self.error_latencies.frombytes(err_lat_bytes)
+        for into, counts in ((self.status, status), (self.errors, errors),
+                             (self.records, records)):
+            for key, n in counts.items():
+                into[key] = into.get(key, 0) + n
         self.reports += 1
 
     @property
     def error_count(self):
-        return sum(self.errors.values()) + sum(n for s, n in self.status.items() if s >= 500)
+        return sum(self.errors.values()) + len(self.error_latencies)
+
+    @property
+    def ok(self):
+        return len(self.latencies)
 
     @property
     def requests(self):
-        return len(self.latencies) + sum(self.errors.values())
+        return self.ok + self.error_count
 
 
 def _progress_line(label, sec):
     lat = sorted(sec.latencies)
     p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0
-    return ("[%s] t=%3ds  %8.0f req/s  p50 %7.2f ms  p99 %7.2f ms  errors %d"
-            % (label, sec.t, sec.requests, p50, p99, sec.error_count))
+    rejected = sum(n for k, n in sec.records.items() if k.startswith("rejected:"))
+    return ("[%s] t=%3ds  %8.0f ok req/s  p50 %7.2f ms  p99 %7.2f ms  errors %d  "
+            "records accepted %d rejected %d" % (label, sec.t, sec.ok, p50, p99, sec.error_count,
+                                                 sec.records.get("accepted", 0), rejected))
 
 
 def run_load(requests, url, processes=1, concurrency=DEFAULT_CONCURRENCY, duration_s=10.0,
-             rate=None, timeout_s=10.0, cpus=None, seed=1, label="target", quiet=False):
-    """Run the load against `url`; returns the merged raw run (see report.summarize)."""
+             rate=None, timeout_s=10.0, cpus=None, seed=1, label="target", quiet=False,
+             order="random", offsets=None):
+    """Run the load against `url`; returns the merged raw run (see report.summarize).
+
+    `requests`: prepare()'s list.  order "random": draw from it for `duration_s`;
+    "recorded": send each once in order at `offsets` (seconds from the start; None: as
+    fast as possible), stopping early after `duration_s` if given."""
     parts = urllib.parse.urlsplit(url)
     cfg = {"host": socket.gethostbyname(parts.hostname), "port": parts.port or 80,
            "processes": processes, "concurrency": concurrency, "duration_s": duration_s,
-           "rate": rate, "timeout_s": timeout_s, "cpus": cpus, "seed": seed}
+           "rate": rate, "timeout_s": timeout_s, "cpus": cpus, "seed": seed, "order": order}
     ctx = get_context("fork")  # children inherit the prebuilt requests copy-on-write
     pipes, procs = [], []
     for i in range(processes):
+        share, share_offsets = requests, None
+        if order == "recorded":   # every P-th request, so the processes keep the order
+            share = requests[i::processes]
+            share_offsets = offsets[i::processes] if offsets is not None else None
         parent_end, child_end = ctx.Pipe()
-        p = ctx.Process(target=_child, args=(child_end, requests, cfg, i), daemon=True)
+        p = ctx.Process(target=_child, args=(child_end, share, share_offsets, cfg, i),
+                        daemon=True)
         p.start()
         child_end.close()
         pipes.append(parent_end)
@@ -446,21 +467,24 @@ def _drive(pipes, procs, cfg, label, quiet):
     for pipe in pipes:
         pipe.send(t0)
     seconds, done, elapsed = {}, {}, []
-    deadline = t0 + cfg["duration_s"] + cfg["timeout_s"] * 2 + 30
+    # The children report every second: silence this long means one is stuck.
+    silence_s = cfg["timeout_s"] * 2 + 30
+    last_heard = time.monotonic()
     live = list(pipes)
     while live:
-        if time.monotonic() > deadline:
-            raise RuntimeError("load generator processes did not finish in time")
+        if time.monotonic() - last_heard > silence_s:
+            raise RuntimeError("load generator processes stopped reporting")
         for pipe in mp_connection.wait(live, timeout=1.0):
+            last_heard = time.monotonic()
             try:
                 msg = pipe.recv()
             except EOFError:
                 live.remove(pipe)
                 continue
             if msg[0] == "second":
-                _, k, lat_bytes, status, errors, end = msg
+                _, k, lat_bytes, err_bytes, status, errors, records, end = msg
                 sec = seconds.setdefault(k, Second(k))
-                sec.add(lat_bytes, status, errors)
+                sec.add(lat_bytes, err_bytes, status, errors, records)
                 if end is not None:
                     elapsed.append(end)
                 if sec.reports == len(pipes) and not quiet:
@@ -477,60 +501,26 @@ def _drive(pipes, procs, cfg, label, quiet):
 
 # ==== server CPU, from /proc (Linux) =====================================================
 
-def proc_cpu_s(pid):
-    """User + system CPU seconds used so far by `pid`, or None if unreadable."""
-    try:
-        return cpu_seconds(pid)
-    except (OSError, IndexError):
-        return None
+def measured_run(requests, url, args, label, server=None, offsets=None):
+    """run_load plus the server's (and helpers') CPU and every core's load meanwhile.
 
-
-def cores_busy():
-    """{core: (busy, total) jiffies} from /proc/stat, or {} where unavailable."""
-    out = {}
-    try:
-        with open("/proc/stat") as fh:
-            for line in fh:
-                name, *values = line.split()
-                if name.startswith("cpu") and name != "cpu":
-                    ticks = [int(v) for v in values[:8]]
-                    idle = ticks[3] + ticks[4]  # idle + iowait
-                    out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
-    except OSError:
-        pass
-    return out
-
-
-def busy_shares(before, after):
-    """Per core, the share of time it was busy (any process) between two readings."""
-    shares = {}
-    for core, (busy, total) in after.items():
-        if core in before and total > before[core][1]:
-            shares[str(core)] = round((busy - before[core][0]) / (total - before[core][1]), 3)
-    return shares
-
-
-def _helpers_cpu_s(pids):
-    values = [proc_cpu_s(pid) for pid in pids]
-    return None if not pids or None in values else sum(values)
-
-
-def measured_run(requests, url, args, label, server_pid=None):
-    """run_load plus the server's (and helpers') CPU share and every core's load meanwhile."""
-    before = proc_cpu_s(server_pid) if server_pid else None
-    helpers_before = _helpers_cpu_s(args.helper_pid)
-    cores_before = cores_busy()
+    `server`: a cpu.ServerProcesses (one pid, several, or a supervisord's children)."""
+    helpers = cpu.ServerProcesses(pids=args.helper_pid)
+    before = server.snapshot() if server else None
+    helpers_before = helpers.snapshot()
+    cores_before = cpu.cores_busy()
     run = run_load(requests, url, processes=args.processes, concurrency=args.concurrency,
                    duration_s=args.duration, rate=args.rate, timeout_s=args.timeout,
-                   cpus=args.cpus, seed=args.seed, label=label)
-    after = proc_cpu_s(server_pid) if server_pid else None
+                   cpus=args.cpus, seed=args.seed, label=label, order=args.order,
+                   offsets=offsets)
     # Other processes on the same cores skew every figure; this makes that visible.
-    run["cores_busy"] = busy_shares(cores_before, cores_busy())
-    if before is not None and after is not None:
-        run["server_cpu_core_share"] = (after - before) / run["elapsed_s"]
-    helpers_after = _helpers_cpu_s(args.helper_pid)
-    if helpers_before is not None and helpers_after is not None:
-        run["helpers_cpu_core_share"] = (helpers_after - helpers_before) / run["elapsed_s"]
+    run["cores_busy"] = cpu.busy_shares(cores_before, cpu.cores_busy())
+    if server:
+        run["server_cpu"] = cpu.group_usage(before, server.snapshot(), run["elapsed_s"])
+        run["server_cpu_core_share"] = run["server_cpu"]["core_share"]
+    if args.helper_pid:
+        usage = cpu.group_usage(helpers_before, helpers.snapshot(), run["elapsed_s"])
+        run["helpers_cpu_core_share"] = usage["core_share"]
     return run
 
 
@@ -551,21 +541,50 @@ def start_hello(cpu, logdir, timeout_s=15.0):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.replay",
                                 description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--log", required=True, help="access log (ingest_replay JSON lines or combined)")
-    p.add_argument("--url", required=True, help="server under test, http://host:port")
+    p.add_argument("--log", required=True, help="access log (ingest_access JSON lines or combined)")
+    p.add_argument("--url", required=True, help="server under test, http://host:port[/prefix]")
+    p.add_argument("--order", choices=("random", "recorded"), default="random",
+                   help="random: draw requests at random for --duration (default); "
+                        "recorded: send every logged request once, in log order")
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="with --order recorded: 1 = the recorded pace, 2 = twice as fast, "
+                        "0 = as fast as possible (default 1)")
+    p.add_argument("--shift-time", action="store_true",
+                   help="move every record's time so the newest lands at now, gaps kept "
+                        "(an old capture would otherwise be refused as time_too_old)")
+    p.add_argument("--verbose", action="store_true",
+                   help="ask for verbose answers (verbose=1), which name why records were "
+                        "rejected; plain answers only say 1 or 0")
+    p.add_argument("--all-paths", action="store_true",
+                   help="replay every logged path, not only /track /engage /groups /import")
+    p.add_argument("--skip-status", default="401",
+                   help="drop entries recorded with these statuses, comma-separated, or "
+                        "'none' (default 401: the log holds no credentials)")
+    p.add_argument("--import-secret", default=None,
+                   help="send /import requests with this API secret (Basic auth)")
+    p.add_argument("--max-rejected", type=float, default=1.0,
+                   help="fail (exit status 3) when more than this percentage of the "
+                        "target's records were rejected (default 1)")
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help="green threads (= connections) per process (default 25)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per target")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of load per target (default 10; with --order recorded: "
+                        "until the log ends)")
     p.add_argument("--rate", type=float, default=None,
-                   help="target total requests/s (open loop); default: as fast as possible")
+                   help="target total requests/s (open loop, --order random); default: "
+                        "as fast as possible")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request socket timeout (s)")
     p.add_argument("--out", default=None, help="report directory (default bench/out/<time>)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--cpus", default=None,
                    help="pin the load generator processes to these cores, e.g. 1 or 0,1")
-    p.add_argument("--server-pid", type=int, default=None,
-                   help="pid of the server under test, to report its CPU share")
+    p.add_argument("--server-pid", type=int, action="append", default=[],
+                   help="pid of the server under test, to report its CPU; repeatable "
+                        "(several workers: their CPU is added up)")
+    p.add_argument("--server-children", type=int, action="append", default=[],
+                   help="count every descendant of this pid (e.g. supervisord) as the "
+                        "server, except the --helper-pid ones; repeatable")
     base = p.add_mutually_exclusive_group()
     base.add_argument("--baseline", action="store_true",
                       help="also run the same load against a bare eventlet hello-world that "
@@ -583,25 +602,109 @@ def parse_args(argv=None):
     p.add_argument("--note", action="append", default=[],
                    help="a line of context for report.md (e.g. core pinning); repeatable")
     args = p.parse_args(argv)
-    for name in ("processes", "concurrency", "duration", "timeout"):
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p, args):
+    for name in ("processes", "concurrency", "timeout"):
         if getattr(args, name) <= 0:
             p.error("--%s must be positive" % name)
-    if args.rate is not None and args.rate <= 0:
-        p.error("--rate must be positive")
+    if args.duration is not None and args.duration <= 0:
+        p.error("--duration must be positive")
+    if args.order == "random" and args.duration is None:
+        args.duration = DEFAULT_DURATION_S
+    if args.rate is not None and (args.rate <= 0 or args.order == "recorded"):
+        p.error("--rate must be positive, and goes with --order random (recorded "
+                "replays keep the log's own pace: see --speed)")
+    if args.speed < 0:
+        p.error("--speed must be 0 (as fast as possible) or more")
+    if not 0 <= args.max_rejected <= 100:
+        p.error("--max-rejected is a percentage, 0 to 100")
+    try:
+        args.skip_status = () if args.skip_status.strip().lower() == "none" else tuple(
+            int(c) for c in args.skip_status.split(",") if c.strip())
+    except ValueError:
+        p.error("--skip-status takes HTTP statuses such as 401,403, or none")
     args.cpus = sorted({int(c) for c in args.cpus.split(",")}) if args.cpus else None
-    return args
+
+
+def mode_text(args):
+    """How the requests were sent, in words, for reports and plot titles."""
+    if args.order == "recorded":
+        text = ("recorded order at %gx the recorded pace" % args.speed if args.speed
+                else "recorded order, as fast as possible")
+    elif args.rate:
+        text = "random draws, open loop at %g req/s" % args.rate
+    else:
+        text = "random draws, closed loop"
+    extras = [w for w, on in (("times shifted to now", args.shift_time),
+                              ("verbose answers", args.verbose)) if on]
+    return text + ("; " + ", ".join(extras) if extras else "")
+
+
+def git_commit():
+    """The checkout's commit (short), "+changes" when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT,
+                               timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")
+
+
+def load(args):
+    """The log -> (entries to replay, their send offsets or None, meta about the log)."""
+    entries, skipped = load_log(args.log)
+    kept, dropped = capture.select(entries, args.all_paths, args.skip_status)
+    if not kept:
+        raise SystemExit("replay: no requests to replay in %s (%d lines not requests, "
+                         "dropped: %s)" % (args.log, skipped, dropped or "none"))
+    shift_s = 0.0
+    if args.shift_time:
+        kept, shift_s = payload.shift_entries(kept, time.time())
+    if args.verbose:
+        kept = [payload.with_verbose(e) for e in kept]
+    offsets = capture.schedule(kept, args.speed) if args.order == "recorded" else None
+    meta = {"log": os.path.abspath(args.log), "log_entries": len(kept), "log_skipped": skipped,
+            "log_dropped": dropped, "time_shift_s": round(shift_s, 3),
+            "recorded_span_s": (round(capture.schedule(kept, 1.0)[-1], 3)
+                                if args.order == "recorded" else None)}
+    print("replay: %d requests to replay from %s (%d lines not requests; dropped: %s)%s"
+          % (len(kept), args.log, skipped, dropped or "none",
+             "; times shifted by %.0f s" % shift_s if args.shift_time else ""), file=sys.stderr)
+    return kept, offsets, meta
+
+
+def requests_for(entries, url, args, described=None):
+    """prepare()'s list for one URL; `described` reuses the (records, strict) counts."""
+    host, prefix = capture.split_url(url)
+    auth = (b"Basic " + base64.b64encode(args.import_secret.encode("utf-8") + b":")
+            if args.import_secret else None)
+    if described is None:
+        described = describe(entries)
+    return [(build_request(e, host, prefix, auth), n, strict)
+            for e, (n, strict) in zip(entries, described)]
+
+
+def describe(entries):
+    """(records in it, strict /import) for each entry."""
+    out = []
+    for e in entries:
+        p = payload.Payload(e)
+        out.append((len(p.records or ()), payload.is_strict(e, p)))
+    return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     from bench import report  # matplotlib is imported only when writing plots
-    entries, skipped = load_log(args.log)
-    if not entries:
-        raise SystemExit("replay: no usable requests in %s" % args.log)
+    entries, offsets, log_meta = load(args)
+    described = describe(entries)
     out = args.out or os.path.join("bench", "out", time.strftime("replay-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    print("replay: %d requests loaded from %s (%d lines skipped)" % (len(entries), args.log, skipped),
-          file=sys.stderr)
     runs = {}
     hello = None
     load_before = list(os.getloadavg())
@@ -611,21 +714,28 @@ def main(argv=None):
             hello, base_url = start_hello(args.baseline_cpu, out)
             base_pid = hello.pid
         if base_url:
-            runs["baseline"] = measured_run(build_requests(entries, base_url), base_url, args,
-                                            "baseline", base_pid)
+            runs["baseline"] = measured_run(
+                requests_for(entries, base_url, args, described), base_url, args, "baseline",
+                cpu.ServerProcesses([base_pid] if base_pid else ()), offsets)
     finally:
         if hello is not None:
             hello.stop()
-    runs["target"] = measured_run(build_requests(entries, args.url), args.url, args,
-                                  args.label, args.server_pid)
-    meta = {"log": os.path.abspath(args.log), "log_entries": len(entries), "log_skipped": skipped,
-            "url": args.url, "baseline_url": base_url, "command": "python -m bench.replay " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "notes": args.note, "cpu_count": os.cpu_count(),
-            "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())}
-    summary = report.write_all(out, runs, meta)
-    print(report.console_summary(summary), file=sys.stderr)
+    server = cpu.ServerProcesses(args.server_pid, args.server_children, args.helper_pid)
+    runs["target"] = measured_run(requests_for(entries, args.url, args, described), args.url,
+                                  args, args.label, server, offsets)
+    meta = dict(log_meta, url=args.url, baseline_url=base_url,
+                command="python -m bench.replay " + shlex.join(
+                    sys.argv[1:] if argv is None else [str(a) for a in argv]),
+                mode=mode_text(args), order=args.order,
+                speed=args.speed if args.order == "recorded" else None,
+                shift_time=args.shift_time, verbose=args.verbose,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                commit=git_commit(), notes=args.note, cpu_count=os.cpu_count(),
+                loadavg_before=load_before, loadavg_after=list(os.getloadavg()))
+    summary = report.write_all(out, runs, meta, max_rejected=args.max_rejected / 100.0)
+    print(report.console_summary(summary, color=sys.stderr.isatty()), file=sys.stderr)
     print("report: %s" % os.path.join(out, "report.md"), file=sys.stderr)
-    return 0
+    return EXIT_TOO_MANY_REJECTED if summary["records"]["over_threshold"] else 0
 
 
 if __name__ == "__main__":

@@ -16,13 +16,16 @@ Stand-alone script, not a test.
     cleaned event) in-process with ingest.sinks.spool.Spool.append, then times `ingest spool
     forward DIR --kestrel ...` (core 0) into a fresh `ingest queue --sync-ms 100` (core 1)
     and checks the queue holds every record.
+(c) Framing cost per record, in-process on core 1: encoding a frame and reading it back
+    (frames.scan) in the current format against the earlier format (testkit.spoolfiles
+    writes it; frames reads it), in the same run, CPU time, median of --rounds.
 
 Bounded: fixed durations and counts, a cap on every wait (the whole run takes about two
 minutes); every process it starts is stopped by pid; temporary directories (on disk under
 /var/tmp, not tmpfs, so fsync costs what it costs) are removed.  Loopback only.  Usage:
 
     .venv/bin/python bench/spool_bench.py [--seconds 3] [--rounds 3] [--threads 8]
-                                          [--records 1000000] [--skip-a] [--skip-b]
+                                          [--records 1000000] [--skip-a] [--skip-b] [--skip-c]
 """
 import argparse
 import os
@@ -37,8 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ingest.kestrel import Client  # noqa: E402
+from ingest.sinks import frames  # noqa: E402
 from ingest.sinks.spool import Spool  # noqa: E402
 from testkit.load import Load  # noqa: E402
+from testkit.spoolfiles import legacy_frame  # noqa: E402
 from testkit.payloads import compact_json  # noqa: E402
 from testkit.procs import (QueueServer, Worker, cpu_seconds, free_port,  # noqa: E402
                            ingest_argv, pinned)
@@ -176,6 +181,35 @@ def forward_time(work, records):
     return took, depth
 
 
+def framing_cost(records, rounds):
+    print("(c) framing cost per record (in-process, core %d, %d records of ~250 bytes,"
+          " median of %d rounds); load average before: %s"
+          % (LOAD_CORE, records, rounds, load_average()))
+    pairs = [("events", event_payload(i)) for i in range(records)]
+    formats = (("earlier format (1)", legacy_frame, 1, 0),
+               ("current format (2)", frames.encode_frame, 2, frames.SEGMENT_HEADER_BYTES))
+    cells = {}
+    for _ in range(rounds):
+        for name, encode, version, head in formats:
+            # CPU time of this process: steadier than wall time on a shared core.
+            started = time.process_time()
+            data = b"\0" * head + b"".join([encode(q, p) for q, p in pairs])
+            encoded = time.process_time()
+            count = sum(1 for e in frames.scan(data, head, version) if e[0] is frames.FRAME)
+            done = time.process_time()
+            assert count == records
+            cells.setdefault(name, []).append(((encoded - started) / records * 1e9,
+                                               (done - encoded) / records * 1e9,
+                                               (len(data) - head) / records))
+    base = None
+    for name, values in cells.items():
+        enc = statistics.median(v[0] for v in values)
+        scan = statistics.median(v[1] for v in values)
+        base = base or (enc, scan)
+        print("   %-20s encode %6.0f ns (x%.2f)   scan %6.0f ns (x%.2f)   %.0f bytes/record"
+              % (name, enc, enc / base[0], scan, scan / base[1], values[0][2]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -184,6 +218,7 @@ def main():
     parser.add_argument("--records", type=int, default=1000000)
     parser.add_argument("--skip-a", action="store_true")
     parser.add_argument("--skip-b", action="store_true")
+    parser.add_argument("--skip-c", action="store_true")
     args = parser.parse_args()
     os.sched_setaffinity(0, {LOAD_CORE})
     work = tempfile.mkdtemp(prefix="spool-bench-", dir="/var/tmp")
@@ -192,6 +227,8 @@ def main():
             spool_path_cost(work, args.seconds, args.threads, args.rounds)
         if not args.skip_b:
             forward_time(work, args.records)
+        if not args.skip_c:
+            framing_cost(200000, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,11 +13,15 @@ MAX_FUTURE_S = 3600              # later than this is clamped (track) or refused
 IMPORT_MIN_TIME_S = 31536000     # 1971-01-01: /import refuses anything earlier
 MAX_TIME_MAGNITUDE = 1e15        # far beyond any real time in ms; bigger is not a time
 
-ENGAGE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete")
+# Every operation an official SDK sends (docs/http-api.md has the table by SDK): $merge is
+# Android's People.merge(); no SDK sends $add, $append or $merge to /groups.
+ENGAGE_OPS = ("$set", "$set_once", "$add", "$append", "$union", "$remove", "$unset", "$delete",
+              "$merge")
 GROUP_OPS = ("$set", "$set_once", "$union", "$remove", "$unset", "$delete")
-# The type each operation's value must have ($delete's value is ignored).
+# The type each operation's value must have ($delete's value is ignored: the SDKs send
+# "", null, {} or "null").
 _OP_TYPES = {"$set": dict, "$set_once": dict, "$add": dict, "$append": dict, "$union": dict,
-             "$remove": dict, "$unset": list}
+             "$remove": dict, "$unset": list, "$merge": dict}
 
 
 class Context:
@@ -153,8 +157,10 @@ def _clean_update(record, ctx, ids, ops):
         value = record.get(key)
         if not (_nonempty_str(value) or _number(value)):
             raise RecordRejected("missing_" + key[1:], key)
-    present = [op for op in ops if op in record]
-    if len(present) != 1:
+    # Operations are counted over every known one, so a /groups record with $add reads
+    # "got $add" rather than "got none", and $set beside $add is two operations.
+    present = [op for op in ENGAGE_OPS if op in record]
+    if len(present) != 1 or present[0] not in ops:
         raise RecordRejected("invalid_operation", "operation", ops=" ".join(ops),
                              present=" ".join(present) or "none")
     op = present[0]

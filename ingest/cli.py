@@ -5,6 +5,8 @@
     ingest consume QUEUE  reliable-read items, one JSON line each
     ingest stats          queue depths, totals and rates per server
     ingest spool forward  empty a spool directory into Kestrel
+    ingest routes check   validate a routes file (the worker's own checks and messages)
+    ingest --version      the version
 
 eventlet's monkey patching happens here and only here, right before a subcommand that
 runs green threads starts; every other module stays importable without eventlet.
@@ -14,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from ingest import config
+from ingest import __version__, config
 
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
@@ -27,6 +29,7 @@ def _add_kestrel(p):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="ingest " + __version__)
     sub = parser.add_subparsers(dest="command", required=True)
     config.WORKER.add_arguments(sub.add_parser(
         "serve", help="run one HTTP ingestion worker (eventlet raw WSGI)"))
@@ -40,6 +43,9 @@ def build_parser():
     c.add_argument("--timeout-ms", type=int, default=1000,
                    help="stop after this long without an item")
     c.add_argument("--peek", action="store_true", help="look at the head without removing")
+    c.add_argument("--connections", type=_positive, default=1,
+                   help="read over N connections at once: faster, items in no particular "
+                        "order (default 1: queue order)")
 
     s = sub.add_parser("stats", help="queue depths, totals and rates per server")
     _add_kestrel(s)
@@ -50,7 +56,28 @@ def build_parser():
     fw = spsub.add_parser("forward", help="forward a spool directory to Kestrel and empty it")
     fw.add_argument("dir")
     _add_kestrel(fw)
+    fw.add_argument("--dead-letter-s", type=float, default=600.0,
+                    help="a record every server refuses this long becomes a dead letter"
+                         " (0 = only when its queue takes other records)")
+    fw.add_argument("--dead-letters", action="store_true",
+                    help="first put the dead letters back into the spool, to send again")
+
+    rt = sub.add_parser("routes", help="routes file tools")
+    rtsub = rt.add_subparsers(dest="routes_command", required=True)
+    ck = rtsub.add_parser("check", help="validate a routes file as a worker would, before"
+                                        " installing it")
+    ck.add_argument("file")
     return parser
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer, got %r" % text)
+    return value
 
 
 def kestrel_servers(text):
@@ -91,14 +118,20 @@ def main(argv=None):
     if args.command == "consume":
         from ingest.commands import consume
         return consume.consume(args.queue, kestrel_servers(args.kestrel), max_items=args.max,
-                               timeout_ms=args.timeout_ms, peek=args.peek)
+                               timeout_ms=args.timeout_ms, peek=args.peek,
+                               connections=args.connections)
     if args.command == "stats":
         from ingest.commands import stats
         return stats.stats(kestrel_servers(args.kestrel), as_json=args.json)
     if args.command == "spool":
         configure_logging()
         from ingest.commands import spool_forward
-        return spool_forward.forward(args.dir, kestrel_servers(args.kestrel))
+        return spool_forward.forward(args.dir, kestrel_servers(args.kestrel),
+                                     dead_letter_s=args.dead_letter_s,
+                                     requeue_dead=args.dead_letters)
+    if args.command == "routes":
+        from ingest.commands import routes_check
+        return routes_check.check(args.file)
     return 2
 
 

@@ -24,14 +24,16 @@ DEFAULT_KESTREL = "127.0.0.1:%d" % DEFAULT_PORT
 # ---- parsers ----------------------------------------------------------------------------
 
 def servers(value):
-    """`h:p,h:p` (or a list) -> ('h:p', ...), each entry checked by the one parser."""
+    """`h:p,h:p` (or a list) -> ('h:p', ...), checked by the one parser
+    (ingest/kestrel/protocol.py): strictly host:port, port 1-65535, no scheme."""
     items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
     entries = tuple(s.strip() for s in items if s.strip())
-    for entry in entries:
-        parse_servers([entry])
-    if not entries:
-        raise ValueError("kestrel needs at least one host:port")
+    parse_servers(entries)
     return entries
+
+
+def optional_servers(value):
+    return None if value in (None, "") else ",".join(servers(value))
 
 
 def networks(value):
@@ -68,6 +70,16 @@ def positive(name, value):
 def positive_if_set(name, value):
     if value is not None:
         positive(name, value)
+
+
+def port_number(name, value):
+    if not 0 < value < 65536:
+        raise ValueError("%s must be a port from 1 to 65535, not %r" % (name, value))
+
+
+def percent(name, value):
+    if not 0 <= value <= 100:
+        raise ValueError("%s must be from 0 to 100, not %r" % (name, value))
 
 
 def not_negative(name, value):
@@ -144,7 +156,7 @@ class Table:
         path = (self.file_flag and flags.get(self.file_flag)) or \
             (self.file_env and environ.get(self.file_env)) or config_file
         file_values = self._read_file(path) if path else {}
-        values = {}
+        values, sources = {}, {}
         for name, f in self.fields.items():
             if f.flag and flags.get(name) is not None:
                 raw, source = flags[name], f.option
@@ -154,14 +166,18 @@ class Table:
                 raw, source = file_values[name], "%s:%s" % (path, name)
             else:
                 raw, source = f.default, None
+            sources[name] = source or name
             try:
                 values[name] = f.parse(raw)
             except (TypeError, ValueError) as exc:
-                raise ValueError("%s: %s" % (source or name, exc)) from None
+                raise ValueError("%s: %s" % (sources[name], exc)) from None
         settings = self.type(**values)
         for name, f in self.fields.items():
-            if f.check is not None:
-                f.check(name, getattr(settings, name))
+            try:
+                if f.check is not None:
+                    f.check(name, getattr(settings, name))
+            except ValueError as exc:
+                raise ValueError("%s: %s" % (sources[name], exc)) from None
         return settings
 
     def _read_file(self, path):
@@ -177,7 +193,9 @@ class Table:
 
 WORKER = Table("WorkerSettings", [
     Field("host", str, "127.0.0.1", "address to listen on"),
-    Field("port", int, 8000, "port to listen on", check=positive),
+    Field("port", int, 8000, "port to listen on", check=port_number),
+    Field("slot", optional_int, None, "worker slot number, shown by /health so a launcher"
+          " can tell this worker from any other listener", check=not_negative),
     Field("reuse_port", boolean, False, "set SO_REUSEPORT so several workers share one port"),
     Field("kestrel", servers, DEFAULT_KESTREL, "Kestrel servers, host:port[,host:port...]"),
     Field("kestrel_connect_timeout_ms", int, 500, "connect timeout per Kestrel server",
@@ -195,6 +213,10 @@ WORKER = Table("WorkerSettings", [
           check=not_negative),
     Field("spool_max_mb", int, 1024, "spool size cap; beyond it requests get 503",
           check=positive),
+    Field("spool_dead_letter_s", float, 600.0,
+          "a spooled record every Kestrel server refuses (NOT_STORED) this long goes to a"
+          " dead-letter file; 0 = only when its queue takes other records",
+          check=not_negative),
     Field("routes", optional_str, None, "routing table file (JSON)"),
     Field("trusted_proxies", networks, "127.0.0.0/8,::1/128",
           "peers whose X-Forwarded-For is believed (CIDRs)"),
@@ -206,6 +228,8 @@ WORKER = Table("WorkerSettings", [
           check=_header_lines),
     Field("max_body_bytes", int, 10 * 1024 * 1024, "largest request body; larger: 413",
           check=positive),
+    Field("max_decompressed_bytes", int, 4 * 1024 * 1024,
+          "largest body after gzip/deflate is undone; larger: 413", check=positive),
     Field("max_records", int, 2000, "most records per request; more: 413", check=positive),
     Field("max_record_bytes", int, 1024 * 1024,
           "largest record as JSON; larger: record rejected", check=positive),
@@ -218,13 +242,16 @@ WORKER = Table("WorkerSettings", [
           " rejected", check=positive),
     Field("max_in_flight", int, 1000, "requests handled at once per worker; more: 503",
           check=positive),
-    Field("max_body_bytes_in_flight", int, 256 * 1024 * 1024,
-          "request bodies held at once per worker; more: 503", check=positive),
+    Field("max_body_bytes_in_flight", int, 32 * 1024 * 1024,
+          "request bodies held at once per worker, counted decompressed as they arrive;"
+          " more: 503", check=positive),
     Field("max_connections", int, 4096, "open client connections per worker", check=positive),
     Field("keepalive_idle_s", float, 75.0, "idle keep-alive connections are closed after this",
           check=not_negative),
     Field("read_timeout_s", float, 30.0, "headers must arrive within this, and each body read",
           check=not_negative),
+    Field("body_timeout_s", float, 30.0, "a request's whole body must arrive within this;"
+          " later: 408 and the connection closed (0 = no limit)", check=not_negative),
     Field("drain_s", float, 10.0, "on SIGTERM, how long in-flight requests may take to finish",
           check=not_negative),
     Field("access_log", optional_str, None, "JSON-lines access log file ('-' = stderr)"),
@@ -246,7 +273,7 @@ def resolve(flags=None, environ=None, config_file=None):
 
 QUEUE = Table("QueueSettings", [
     Field("host", str, "127.0.0.1", "address to listen on"),
-    Field("port", int, DEFAULT_PORT, "port to listen on", check=positive),
+    Field("port", int, DEFAULT_PORT, "port to listen on", check=port_number),
     Field("data", str, "./var/queue", "journal directory"),
     Field("sync_ms", int, 100, "fsync period in ms; 0 = fsync before every reply"
           " (group commit)", check=not_negative),
@@ -266,13 +293,13 @@ DEPLOY = Table("DeploySettings", [
     Field("workers", optional_int, None,
           "worker slots; nginx's upstream lists this many (default: cores)", flag=False,
           check=positive_if_set),
-    Field("port", int, 8080, "port nginx listens on", flag=False, check=positive),
+    Field("port", int, 8080, "port nginx listens on", flag=False, check=port_number),
     Field("listen", str, "0.0.0.0", "address nginx listens on", flag=False),
     Field("worker_host", str, "127.0.0.1", "address the workers listen on (nginx is local)",
           flag=False),
     Field("worker_base_port", int, 8100, "worker slot N listens on this port + N", flag=False,
-          check=positive),
-    Field("kestrel", optional_str, None,
+          check=port_number),
+    Field("kestrel", optional_servers, None,
           "Kestrel servers for the workers (default: the bundled queue)", flag=False),
     Field("nginx", optional_str, None,
           "nginx binary (default: nginx on PATH, else /usr/sbin/nginx)", flag=False),
@@ -280,6 +307,17 @@ DEPLOY = Table("DeploySettings", [
           flag=False, check=not_negative),
     Field("nginx_user", optional_str, None, "user for nginx's worker processes when started"
           " as root (default: the owner of var/)", flag=False),
+    Field("status_listen", str, "127.0.0.1", "address of nginx's status listener (/ready and"
+          " /health of a worker, for a load balancer's health check)", flag=False),
+    Field("status_port", int, 8081, "port of nginx's status listener", flag=False,
+          check=port_number),
+    Field("access_log_capture_percent", float, 0.0, "share of requests whose query string"
+          " and body nginx's access log keeps, api_key redacted (0 = none, 100 = all)",
+          flag=False, check=percent),
+    Field("access_log_max_mb", float, 100.0, "access logs (nginx's, and the workers' file)"
+          " are rotated past this size", flag=False, check=positive),
+    Field("access_log_backups", int, 5, "rotated access logs kept (.1 is the newest)",
+          flag=False, check=positive),
 ], env_prefix="INGEST_")
 
 DeploySettings = DEPLOY.type

@@ -53,16 +53,21 @@ REASONS = {
     "too_many_headers": _reason(
         431, (REQUEST,), "More header lines than max_headers.", "more than {limit} header lines"),
     "body_too_large": _reason(
-        413, (REQUEST, EDGE), "The body is larger than max_body_bytes, as sent or after"
-        " decompression (nginx answers the same for client_max_body_size).",
+        413, (REQUEST, EDGE), "The body is larger than max_body_bytes as sent, or than"
+        " max_decompressed_bytes after decompression (nginx answers the same for"
+        " client_max_body_size).",
         "request body exceeds {limit} bytes",
         decompressed="decompressed body exceeds {limit} bytes",
         nginx="request body too large"),
     "short_body": _reason(400, (REQUEST,), "The connection ended before Content-Length bytes.",
                           "request body ended early"),
     "bad_body": _reason(
-        400, (REQUEST,), "The body could not be read: a bad chunk header, a body cut"
-        " short, or a client silent past read_timeout_s.", "request body could not be read"),
+        400, (REQUEST,), "The body could not be read: a bad chunk header, or a body cut"
+        " short.", "request body could not be read"),
+    "body_timeout": _reason(
+        408, (REQUEST,), "The body did not arrive within body_timeout_s of the headers (or"
+        " a read waited longer than read_timeout_s); the connection is closed.",
+        "request body not received in time"),
     "unsupported_encoding": _reason(415, (REQUEST,), "Content-Encoding other than gzip,"
                                     " x-gzip, deflate or identity.",
                                     "Content-Encoding must be gzip"),
@@ -151,7 +156,8 @@ REASONS = {
                                 " compact JSON.", "record exceeds {limit} bytes"),
     # ---- the server's own state ----------------------------------------------------------
     "overloaded": _reason(503, (REQUEST,), "max_in_flight requests, or"
-                          " max_body_bytes_in_flight of bodies, are already being handled.",
+                          " max_body_bytes_in_flight of bodies (counted decompressed, as"
+                          " they arrive), are already being handled.",
                           "server busy; retry", retry_after_s=1),
     "draining": _reason(503, (REQUEST,), "The worker is shutting down (SIGTERM); requests"
                         " read now are refused before anything is stored.",

@@ -75,11 +75,27 @@ METRICS = {
     "ingest_routes_reloads": ("counter", "routes files loaded by SIGHUP", ()),
     "ingest_routes_reload_failures": ("counter", "routes reloads refused (last good table"
                                       " kept)", ()),
+    "ingest_routes_stale": ("gauge", "1 while the routes file is refused and the worker"
+                            " routes with its last good table (see /ready)", ()),
     "ingest_spool_bytes": ("gauge", "bytes in the local spool", ()),
     "ingest_spool_appended_records": ("counter", "records written to the spool by this"
                                       " process", ()),
+    "ingest_spool_write_errors": ("counter", "spool appends that failed (disk full, I/O"
+                                  " error); those requests got 503", ()),
+    "ingest_spool_damaged_records": ("counter", "records found unreadable in the spool (as"
+                                     " far as can be told), their bytes kept in .damaged"
+                                     " files", ()),
+    "ingest_spool_damaged_bytes": ("counter", "unreadable spool bytes kept in .damaged"
+                                   " files", ()),
+    "ingest_spool_dead_letters": ("counter", "spooled records every Kestrel server refused,"
+                                  " moved to .dead files", ()),
     "ingest_kestrel_errors": ("counter", "failed Kestrel operations, by server", ("server",)),
     "ingest_requests_in_flight": ("gauge", "requests being handled", ()),
+    "ingest_request_body_bytes_in_flight": ("gauge", "bytes of request bodies held"
+                                            " (decompressed), charged against"
+                                            " max_body_bytes_in_flight", ()),
+    "ingest_accept_errors": ("counter", "accept() failures survived (out of file"
+                             " descriptors: EMFILE, ENFILE)", ()),
     "ingest_request_duration_seconds": ("histogram", "time to answer a request",
                                         ("endpoint",)),
 }
@@ -118,11 +134,17 @@ class _Collector:
         if m.spool is not None:
             yield family("ingest_spool_bytes", m.spool.size_bytes())
             yield family("ingest_spool_appended_records", m.spool.appended_records)
+            yield family("ingest_spool_write_errors", m.spool.write_errors)
+            yield family("ingest_spool_damaged_records", m.spool.damaged_records)
+            yield family("ingest_spool_damaged_bytes", m.spool.damaged_bytes)
+            yield family("ingest_spool_dead_letters", m.spool.dead_letters)
         if m.client is not None:
             yield _labelled("ingest_kestrel_errors", {
                 server.address: server.errors for server in m.client.cluster.servers})
         if m.state is not None:
             yield family("ingest_requests_in_flight", m.state.in_flight)
+            yield family("ingest_request_body_bytes_in_flight", m.state.body_bytes)
+            yield family("ingest_accept_errors", m.state.accept_errors)
         yield self._latency(m.latency)
 
     @staticmethod
@@ -133,6 +155,7 @@ class _Collector:
         yield family("ingest_records_unknown_token", table.unknown)
         yield family("ingest_routes_reloads", router.reloads)
         yield family("ingest_routes_reload_failures", router.reload_failures)
+        yield family("ingest_routes_stale", 1 if getattr(router, "stale", None) else 0)
 
     @staticmethod
     def _latency(latency):

@@ -1,14 +1,28 @@
 """`ingest serve`: the eventlet raw-WSGI bootstrap of one worker: the HTTP protocol
-seam, socket options, signals, graceful drain.
+seam, socket options, signals, graceful drain, start-up.
 
-One of the two places that touch eventlet (the other is the bundled queue server,
-ingest/queue/); monkey patching has already happened in cli.py.  Signal handlers only set flags; the
+Start-up failures an operator can cause (the port taken, a spool or log path that cannot
+be written, a bad routes file with no last good copy) end the process with one line on
+stderr saying what and where, and exit status 1; never a traceback.  /health answers the
+worker's identity (slot, port, pid and a per-start instance id), so a launcher can tell
+this worker from any other listener on its port.
+
+With ingest/wsgi_server.py (the HTTP seam: strict framing, body deadline, accept that
+survives EMFILE) one of the places that touch eventlet (the other is the bundled queue
+server, ingest/queue/); monkey patching has already happened in cli.py.  Signal handlers only set flags; the
 main green thread acts on them: SIGHUP reloads the routing table off the request path
 (in a native thread via tpool), SIGTERM/SIGINT drain: /ready turns 503, the listening
 socket closes, in-flight requests get up to `drain_s` to finish, then the process exits 0.
+
+Running out of file descriptors is survived: accept() failing with EMFILE/ENFILE (which
+eventlet's server would take as the end of its loop) is logged and retried with
+back-off while open connections keep being served (wsgi_server.PatientListener).  If the server's
+loop ends for any other reason than a stop, the process exits 1, never 0.
 """
 import gc
 import logging
+import os
+import resource
 import signal
 import time
 
@@ -17,102 +31,46 @@ import eventlet.event
 import eventlet.tpool
 import eventlet.wsgi
 
-from ingest import errors
+from ingest import __version__
 from ingest.http import make_app
 from ingest.http.access_log import open_access_log
-from ingest.http.answers import json_body
 from ingest.http.app import AppState
 from ingest.kestrel.client import Client
 from ingest.metrics import Metrics
 from ingest.routing import Router, RoutesError
+from ingest.routing.last_good import LastGoodRoutes
 from ingest.sinks.batching import BatchingSink
 from ingest.sinks.fallback import SpoolingSink
 from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.kestrel import KestrelSink
 from ingest.sinks.spool import Spool
+from ingest.sinks.spool_log import SpoolNotices
+from ingest.wsgi_server import GreenLatch, IngestProtocol, PatientListener
 
 log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.
 _TICK_S = 0.05
 
 
-class GreenLatch(eventlet.event.Event):
-    """A one-shot event with threading.Event's set()/wait().
-
-    PERF: creating one costs ~0.4 us against ~2.6 us for a monkey-patched threading.Event,
-    and BatchingSink makes one per request."""
-
-    def set(self):
-        self.send()
+# Descriptors a worker needs besides its client connections: the listening socket, the
+# spool, logs, eventlet's hub and tpool pipes, DNS, a margin.
+_BASE_FDS = 64
 
 
-# The body of every answer the HTTP parser gives itself (the catalogue's wording).
-_ERROR_BODY = json_body({"status": 0, "error": errors.message("malformed_http")})
-
-
-class IngestProtocol(eventlet.wsgi.HttpProtocol):
-    """eventlet's HTTP/1.1 handler with stricter framing and well-formed errors.
-
-    - Errors the standard library's parser raises (bad request line, bad version, too
-      many headers) get a fixed JSON body with a real status line, never the request
-      echoed back in an HTML page; an unparsable version is answered as HTTP/1.0 (the
-      default of HTTP/0.9 wrote no status line at all).
-    - A header block the parser could not fully read (a malformed line makes it stop
-      early and silently drop the headers after it, including Content-Length) is
-      refused: otherwise the rest is read as a second request (request smuggling).
-    - Content-Length must be plain digits and appear once; Transfer-Encoding other than
-      `chunked` is refused.
-    - The header block must arrive within the read timeout as a whole (slow-loris).
-    """
-
-    default_request_version = "HTTP/1.0"
-
-    def send_error(self, code, message=None, explain=None):
-        if code >= 500:   # 501/505 for a bad method or version: the client's fault, say 400
-            code = 400
-        phrase = self.responses.get(code, ("Error",))[0]
-        # After a HEAD (even one whose request line is broken) send no body, with a
-        # Content-Length of 0, which reads the same whichever way the client framed it.
-        head_request = self.command == "HEAD" or getattr(self, "raw_requestline", b"")[:5] == b"HEAD "
-        body = b"" if head_request else _ERROR_BODY
-        head = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                "Connection: close\r\n\r\n" % (code, phrase, len(body)))
-        self.close_connection = 1
-        try:
-            self.wfile.write(head.encode("latin-1") + body)
-            self.wfile.flush()
-        except OSError:
-            pass
-
-    def parse_request(self):
-        # The socket timeout is per read: a client sending one header byte every few
-        # seconds would never hit it.  The whole header block gets that budget instead.
-        budget = self.server.socket_timeout
-        deadline = eventlet.Timeout(budget) if budget else None
-        try:
-            if not super().parse_request():
-                return False
-        except eventlet.Timeout as expired:
-            if expired is not deadline:
-                raise
-            self.close_connection = 1      # too slow to deserve an answer
-            return False
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-        headers = self.headers
-        if headers.defects:
-            self.send_error(400)
-            return False
-        lengths = headers.get_all("Content-Length") or ()
-        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
-            self.send_error(400)
-            return False
-        coding = headers.get("Transfer-Encoding")
-        if coding is not None and coding.strip().lower() != "chunked":
-            self.send_error(400)
-            return False
-        return True
+def descriptor_warning(settings, limits=None):
+    """A warning when --max-connections (plus the Kestrel pool and a base) does not fit
+    the soft RLIMIT_NOFILE; None when it does."""
+    soft, hard = limits or resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = settings.max_connections + settings.kestrel_pool_size * len(settings.kestrel) + \
+        _BASE_FDS
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    return ("--max-connections %d needs about %d file descriptors (with %d per Kestrel server"
+            " and %d for the worker itself), but the limit is %d (hard %s): new connections"
+            " will wait while accept() fails with 'Too many open files'.  Raise the limit"
+            " (ulimit -n, supervisord's minfds) or lower --max-connections."
+            % (settings.max_connections, need, settings.kestrel_pool_size, _BASE_FDS, soft,
+               "unlimited" if hard == resource.RLIM_INFINITY else hard))
 
 
 class Flags:
@@ -137,11 +95,13 @@ def build_sink(settings):
     spool = Spool(settings.spool, sync_ms=settings.spool_sync_ms,
                   max_bytes=settings.spool_max_mb * 1024 * 1024,
                   run_blocking=eventlet.tpool.execute)
-    forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0)
+    notices = SpoolNotices(spool)
+    forwarder = Forwarder(spool, kestrel.put, retry_s=max(settings.kestrel_retry_ms, 100) / 1000.0,
+                          dead_letter_s=settings.spool_dead_letter_s, notices=notices)
     if spool.segments():
-        log.info("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
-                 spool.size_bytes())
-    return SpoolingSink(batched, spool), client, forwarder
+        log.warning("spool %s holds %d bytes from an earlier run; forwarding", settings.spool,
+                    spool.size_bytes())
+    return SpoolingSink(batched, spool, notices), client, forwarder
 
 
 def tune_gc():
@@ -158,30 +118,90 @@ def tune_gc():
 
 
 def listen(settings):
-    sock = eventlet.listen((settings.host, settings.port), backlog=2048,
-                           reuse_port=settings.reuse_port)
-    return sock
+    try:
+        return eventlet.listen((settings.host, settings.port), backlog=2048,
+                               reuse_port=settings.reuse_port)
+    except OSError as exc:
+        raise SystemExit("ingest serve: cannot listen on %s:%d: %s"
+                         % (settings.host, settings.port, exc.strerror or exc)) from None
+
+
+def open_spool_sink(settings):
+    """build_sink, with a spool directory that cannot be created, locked or written
+    ending the program in one line."""
+    if settings.spool:
+        try:
+            os.makedirs(settings.spool, exist_ok=True)
+            probe = os.path.join(settings.spool, ".write-probe-%d" % os.getpid())
+            with open(probe, "wb") as fh:
+                fh.write(b"ok")
+            os.unlink(probe)
+        except OSError as exc:
+            raise SystemExit("ingest serve: spool directory %s is not writable: %s"
+                             % (settings.spool, exc.strerror or exc)) from None
+    try:
+        return build_sink(settings)
+    except OSError as exc:
+        raise SystemExit("ingest serve: spool directory %s: %s"
+                         % (settings.spool, exc.strerror or exc)) from None
+
+
+def load_routes(settings):
+    """The Router; with a spool, the last good routes file is kept beside it and used
+    when the routes file is refused at start.  Without a usable table: one line, exit."""
+    keeper = LastGoodRoutes(settings.spool) if settings.spool and settings.routes else None
+    loader = keeper.load if keeper is not None else None
+    try:
+        return Router(settings.routes, log=log, loader=loader)
+    except RoutesError as exc:
+        if keeper is None:
+            raise SystemExit("ingest serve: bad routes file: %s" % exc) from None
+        try:
+            table, reason = keeper.fallback(exc)
+        except RoutesError as no_fallback:
+            raise SystemExit("ingest serve: bad routes file: %s" % no_fallback) from None
+    router = Router(settings.routes, log=log, loader=loader, table=table)
+    router.stale = reason
+    log.error("routes: %s; fix the file, check it with `ingest routes check %s`, then"
+              " SIGHUP", reason, settings.routes)
+    return router
+
+
+def open_log(settings):
+    try:
+        return open_access_log(settings.access_log)
+    except OSError as exc:
+        raise SystemExit("ingest serve: cannot open access log %s: %s"
+                         % (settings.access_log, exc.strerror or exc)) from None
+
+
+def identity(settings):
+    """What /health answers: which worker this is, and a per-start instance id."""
+    return {"status": "ok", "service": "ingest", "version": __version__,
+            "slot": settings.slot, "port": settings.port, "pid": os.getpid(),
+            "instance": os.urandom(8).hex()}
 
 
 def serve(settings):
     log.info("settings: %s", settings.describe())
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
     eventlet.wsgi.MAX_HEADER_LINE = settings.max_header_bytes
-    try:
-        router = Router(settings.routes, log=log)
-    except RoutesError as exc:
-        raise SystemExit("ingest serve: bad routes file: %s" % exc)
-    sink, client, forwarder = build_sink(settings)
+    sink, client, forwarder = open_spool_sink(settings)
+    router = load_routes(settings)
     state = AppState()
+    state.identity = identity(settings)
     metrics = Metrics(state=state, router=router, client=client,
                       spool=forwarder.spool if forwarder else None)
     app = make_app(settings, sink, clock=time.time, router=router, state=state, metrics=metrics,
-                   access_log=open_access_log(settings.access_log))
-    sock = listen(settings)
+                   access_log=open_log(settings), pause=eventlet.sleep)
+    warning = descriptor_warning(settings)
+    if warning:
+        log.warning(warning)
+    sock = PatientListener(listen(settings), state)
     flags = watch_signals()
     server = eventlet.spawn(
         eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
-        protocol=IngestProtocol,
+        protocol=IngestProtocol, environ={"ingest.body_timeout_s": settings.body_timeout_s},
         log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
         url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,
         socket_timeout=settings.read_timeout_s or None,
@@ -191,9 +211,14 @@ def serve(settings):
     if forwarder is not None and settings.spool_sync_ms > 0:
         eventlet.spawn(forwarder.run_syncer)
     tune_gc()
-    log.info("listening on http://%s:%d", settings.host, settings.port)
-    supervise(flags, server, router)
+    log.info("listening on http://%s:%d (slot %s, instance %s)", settings.host, settings.port,
+             settings.slot, state.identity["instance"])
+    supervise(flags, server, router, app.access_log, MemoryReturner(state))
+    died = server.dead and not flags.stop
     code = drain(settings, state, server, sock)
+    if died:
+        log.error("the HTTP server stopped on its own (see the error above); exiting 1")
+        code = 1
     if forwarder is not None:
         forwarder.stopping = True
         _wait_for(forwarding, settings.drain_s)   # not mid-segment when the spool closes
@@ -219,14 +244,51 @@ def watch_signals():
     return flags
 
 
-def supervise(flags, server, router):
-    """The main green thread acts on the flags until a stop (or the server died)."""
+def supervise(flags, server, router, access_log=None, memory=None):
+    """The main green thread acts on the flags until a stop (or the server died), and
+    reopens the access log once a rotation moved it away."""
+    reopen_every = int(1.0 / _TICK_S)
+    ticks = 0
     while not flags.stop and not server.dead:
         if flags.reload:
             flags.reload = False
             # Parse in a native thread; the swap itself happens back in this green thread.
             eventlet.spawn(router.reload, eventlet.tpool.execute)
+        if memory is not None:
+            memory.tick()
+        ticks += 1
+        if access_log is not None and ticks % reopen_every == 0:
+            access_log.reopen_if_moved()
         eventlet.sleep(_TICK_S)
+
+
+class MemoryReturner:
+    """Gives freed memory back to the system once the worker is idle after big bodies.
+
+    PERF: after a burst of 80 gzip requests inflating to 4-8 MB each, RSS stayed at
+    141-146 MB (39 MB at start) once every answer was sent: glibc keeps freed heap
+    pages.  malloc_trim(0) when nothing is in flight and TRIM_AFTER_BYTES of bodies
+    were handled since the last trim brought it to 56-60 MB within a second
+    (docs/benchmarks.md, "Memory under gzip bodies"); it never runs while requests are
+    being served."""
+
+    TRIM_AFTER_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, state):
+        self.state = state
+        self.trimmed_at = 0
+        try:
+            import ctypes
+            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):      # not glibc: nothing to do
+            self.trim = None
+
+    def tick(self):
+        state = self.state
+        if self.trim is not None and not state.in_flight and \
+                state.body_bytes_done - self.trimmed_at >= self.TRIM_AFTER_BYTES:
+            self.trimmed_at = state.body_bytes_done
+            self.trim(0)
 
 
 def drain(settings, state, server, sock):

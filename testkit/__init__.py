@@ -6,6 +6,7 @@
     rawhttp   one HTTP request written byte for byte on a socket, the answer parsed strictly
     rawqueue  a raw memcache-protocol connection to a queue server, every reply byte visible
     payloads  what requests carry: compact JSON, base64 in its variants, Basic auth, routes files
+    spoolfiles  old-format spool segments, frame offsets, flipped bytes (dirty disk faults)
 
 It lives beside ingest/, tests/ and bench/ so that `python -m pytest` and
 `python -m bench.<x>`, both run from the repository root, import it as `testkit`.

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOPBACK = "127.0.0.1"
@@ -220,3 +222,18 @@ class Worker(Server):
     @property
     def url(self):
         return "http://%s:%d" % (self.host, self.port)
+
+    def get(self, path):
+        """(status, body) of GET `path` on this worker, error statuses included."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def metric(self, name):
+        """The value of the label-less sample `name` at /metrics, or None."""
+        for line in self.get("/metrics")[1].decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None

@@ -1,7 +1,9 @@
 """`ingest consume QUEUE`: reliable-read items and print one JSON line per item.
 
-What it is for: looking at and draining queues from a shell.  Each read is confirmed
-only after its line has been written and flushed.
+What it is for: looking at and draining queues from a shell, over one connection (items
+in queue order) or several (`--connections N`, ingest/kestrel/consumer.py: faster, in
+no particular order).  Each read is confirmed only after its line has been written and
+flushed.
 
 What it must not do: lose an item (a read is closed only after its line is out, and
 aborted when writing fails), sleep-poll a queue (waits are Kestrel's blocking `/t=`),
@@ -11,6 +13,7 @@ import json
 import sys
 
 from ingest.kestrel.client import Client, KestrelError
+from ingest.kestrel.consumer import Consumer
 
 
 def _reject_constant(name):
@@ -40,21 +43,26 @@ def _emit(out, data):
 
 
 def consume(queue, servers, max_items=None, timeout_ms=1000, peek=False, out=None,
-            err=None):
+            err=None, connections=1):
     """Print up to `max_items` items of `queue`; stop after `timeout_ms` without one.
 
     Returns the exit code: 0 when it stopped normally, 1 when the cluster failed or
-    standard output could not be written (the unconfirmed item is then aborted).
+    standard output could not be written (the unconfirmed items are then aborted).
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    client = Client(servers)
-    try:
-        if peek:
+    if peek:
+        client = Client(servers)
+        try:
             return _peek(client, queue, timeout_ms, out, err)
-        return _drain(client, queue, max_items, timeout_ms, out, err)
+        finally:
+            client.close()
+    consumer = Consumer(servers, queue, connections=connections, wait_ms=timeout_ms,
+                        max_items=max_items)
+    try:
+        return _drain(consumer, timeout_ms, out, err)
     finally:
-        client.close()
+        consumer.close()
 
 
 def _peek(client, queue, timeout_ms, out, err):
@@ -68,23 +76,23 @@ def _peek(client, queue, timeout_ms, out, err):
     return 0
 
 
-def _drain(client, queue, max_items, timeout_ms, out, err):
-    count = 0
+def _drain(consumer, timeout_ms, out, err):
+    """Print every batch of items as it arrives, flush, and only then confirm it."""
     try:
-        while max_items is None or count < max_items:
-            # next() confirms the previous item (already printed) and opens the next one.
-            data = client.next(queue, timeout=timeout_ms)
-            if data is None:
+        while True:
+            batch = consumer.fetch(timeout_ms)
+            if not batch:
                 return 0
             try:
-                _emit(out, data)
+                # PERF: one write and one flush per batch (the items that arrived
+                # together), not per item.
+                out.write("".join([item_line(item.data) + "\n" for item in batch]))
+                out.flush()
             except (OSError, ValueError) as e:  # closed or broken stdout
-                client.abort(queue)
-                err.write("ingest consume: cannot write item, returned to queue: %s\n" % e)
+                consumer.abort(batch)
+                err.write("ingest consume: cannot write items, returned to queue: %s\n" % e)
                 return 1
-            count += 1
-        client.finish(queue)
+            consumer.confirm(batch)
     except KestrelError as e:
         err.write("ingest consume: %s\n" % e)
         return 1
-    return 0

@@ -18,7 +18,7 @@ from ingest.http.request import TRUE
 
 STATUS = {200: "200 OK", 204: "204 No Content", 302: "302 Found", 400: "400 Bad Request",
           401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed",
-          413: "413 Payload Too Large", 414: "414 URI Too Long",
+          408: "408 Request Timeout", 413: "413 Payload Too Large", 414: "414 URI Too Long",
           415: "415 Unsupported Media Type", 431: "431 Request Header Fields Too Large",
           500: "500 Internal Server Error", 503: "503 Service Unavailable"}
 PHRASE = {code: text.split(" ", 1)[1] for code, text in STATUS.items()}
@@ -90,12 +90,14 @@ def cors(environ, headers):
     return headers
 
 
-def respond(environ, start_response, status, body, content_type, extra=()):
+def respond(environ, start_response, status, body, content_type, extra=(), allow_cors=True):
+    """`allow_cors=False` for operator paths: no Access-Control-* at all, so no web page
+    can read them from a browser (let alone with the visitor's credentials)."""
     environ["ingest.status"] = status
     environ["ingest.bytes"] = len(body)
     headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), NO_CACHE]
     headers.extend(extra)
-    start_response(STATUS[status], cors(environ, headers))
+    start_response(STATUS[status], cors(environ, headers) if allow_cors else headers)
     # HEAD: the same headers (Content-Length of the body a GET would get), no body.
     return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 

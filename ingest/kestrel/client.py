@@ -157,6 +157,7 @@ class Client:
         buf = build_sets(pairs, expire)  # validates every queue name before any I/O
         pending = pairs
         last_error = None
+        answered = 0
         for server in self.cluster.order():
             if buf is None:
                 buf = build_sets(pending, expire)
@@ -173,9 +174,12 @@ class Client:
             self.cluster.mark_up(server)
             if not pending:
                 return None
+            answered += 1
             buf = None
         raise KestrelUnavailable("no Kestrel server stored %d of %d items (last error: %s)"
-                                 % (len(pending), len(pairs), last_error), pending)
+                                 % (len(pending), len(pairs), last_error), pending,
+                                 refused=last_error is None and
+                                 answered == len(self.cluster.servers))
 
     def _put_on(self, server, pairs, buf):
         """Send the batch `buf` (of `pairs`) to one server; returns the pairs it answered

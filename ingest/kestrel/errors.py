@@ -12,7 +12,8 @@ when the error is raised, so no code has to guess with getattr.
     |   +-- KestrelTimeout          no (complete) reply in time
     +-- KestrelProtocolError        a reply this client cannot parse
     +-- KestrelServerError          ERROR / CLIENT_ERROR / SERVER_ERROR;  .line
-    +-- KestrelUnavailable          no server took the items;  .remaining is always a list
+    +-- KestrelUnavailable          no server took the items;  .remaining is always a list,
+                                    .refused: every server answered NOT_STORED
 
 What it must not do: import sockets or anything else; these are plain values.
 """
@@ -72,7 +73,10 @@ class KestrelServerError(KestrelError):
 
 
 class KestrelUnavailable(KestrelError):
-    """No server took the items.  `remaining` lists the (queue, data) pairs never STORED."""
+    """No server took the items.  `remaining` lists the (queue, data) pairs never STORED;
+    `refused` is True when every server of the cluster was asked and answered NOT_STORED
+    for each of them (a refusal, not an outage)."""
 
-    def __init__(self, message, remaining=()):
+    def __init__(self, message, remaining=(), refused=False):
         super().__init__(message, list(remaining))
+        self.refused = refused

@@ -13,6 +13,7 @@ What it must not do: I/O of any kind (no sockets, no files, no clock, no eventle
 Values in, values out, or an exception from errors.py / ProtocolError.
 """
 import collections
+import re
 
 from ingest.kestrel.errors import (InvalidQueueName, KestrelProtocolError,
                                    KestrelServerError)
@@ -78,25 +79,42 @@ def format_value(name, data):
 
 # ---- server addresses ----------------------------------------------------------------------
 
+# A host: a DNS name or IPv4 address (letters, digits, '.', '-', '_'), or an IPv6
+# address in brackets.  Anything else (a scheme, a path, user@, ';', spaces) is refused,
+# so `http://h:1` or `a:1;b:2` can never be mistaken for a host.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])\Z")
+
+
+def parse_server(text):
+    """'host:port' -> ('host', port); ValueError saying what is wrong with `text`."""
+    host, sep, port = text.rpartition(":")
+    if "://" in text:
+        problem = "no scheme (drop %r)" % (text.split("://", 1)[0] + "://")
+    elif not sep or not host:
+        problem = "host:port needed"
+    elif not _HOST_RE.match(host):
+        problem = ("host %r is not a name or address (separate servers with ',';"
+                   " IPv6 goes in brackets)" % host)
+    elif not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        problem = "port must be a number from 1 to 65535"
+    else:
+        return host.strip("[]"), int(port)
+    raise ValueError("%r is not a Kestrel server: %s" % (text, problem))
+
+
 def parse_servers(servers):
     """'h:p,h:p' or ['h:p', ...] -> [('h', p), ...]; raises ValueError on a bad entry.
 
-    The port must be digits in 1..65535 and the host non-empty; `[::1]:p` loses its
-    brackets.  Empty entries are skipped, but at least one server is needed.
+    The one parser of every host:port list (settings, command flags, the client):
+    strictly `host:port`, the port in 1..65535, no scheme, no other separator than ','.
+    `[::1]:p` loses its brackets.  Empty entries are skipped, but at least one server is
+    needed.
     """
     if isinstance(servers, str):
         servers = servers.split(",")
-    out = []
-    for text in servers:
-        text = text.strip()
-        if not text:
-            continue
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("Kestrel server must be host:port, got %r" % text)
-        out.append((host.strip("[]"), int(port)))
+    out = [parse_server(text.strip()) for text in servers if text.strip()]
     if not out:
-        raise ValueError("at least one Kestrel server is needed")
+        raise ValueError("at least one Kestrel server (host:port) is needed")
     return out
 
 

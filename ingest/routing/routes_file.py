@@ -85,8 +85,9 @@ def _no_constant(name):
     raise ValueError("%s is not allowed" % name)
 
 
-def parse_file(path):
-    source = str(path)
+def parse_file(path, source=None):
+    """The parsed JSON of `path`; RoutesError naming `source` (default: the path)."""
+    source = str(path) if source is None else source
     try:
         with open(path, "rb") as fh:
             raw = fh.read()

@@ -76,9 +76,12 @@ class RoutingTable:
         return cls._checked(data, source, owned=False)
 
     @classmethod
-    def from_file(cls, path):
+    def from_file(cls, path, source=None):
+        """The table of the file at `path`; messages and `source` name `source` (default:
+        the path), so a copy can be checked under the name of the file it came from."""
+        source = str(path) if source is None else source
         with _gc_paused():
-            return cls._checked(routes_file.parse_file(path), str(path), owned=True)
+            return cls._checked(routes_file.parse_file(path, source), source, owned=True)
 
     @classmethod
     def _checked(cls, data, source, owned):
@@ -187,10 +190,17 @@ class Router:
     watcher), never from the signal handler itself.
     """
 
-    def __init__(self, path=None, log=None):
+    def __init__(self, path=None, log=None, loader=None, table=None):
+        """`loader(path)` builds a table (default RoutingTable.from_file; the worker's
+        keeps a copy of each good file); `table` starts with a table built elsewhere."""
         self.path = path
         self.log = log or _log
-        self.table = RoutingTable.from_file(path) if path else default_table()
+        self.loader = loader
+        if table is None:
+            table = self._load(path) if path else default_table()
+        self.table = table
+        # Why the table in use is not the routes file's (None: it is).
+        self.stale = None
         self.reloads = 0
         self.reload_failures = 0
 
@@ -206,9 +216,9 @@ class Router:
             return True
         try:
             if run is None:
-                new = RoutingTable.from_file(self.path)
+                new = self._load(self.path)
             else:
-                new = run(RoutingTable.from_file, self.path)
+                new = run(self._load, self.path)
         except RoutesError as exc:
             self.reload_failures += 1
             self.log.error("routes: reload failed, keeping the last good table: %s", exc)
@@ -221,6 +231,9 @@ class Router:
         self.install(new)
         return True
 
+    def _load(self, path):
+        return (self.loader or RoutingTable.from_file)(path)
+
     def install(self, new):
         """Make `new` (already built and validated) the current table.
 
@@ -230,6 +243,7 @@ class Router:
         """
         kept = new.adopt(self.table)
         self.table = new            # the one atomic step
+        self.stale = None
         self.reloads += 1
         self.log.info("routes: loaded %s (%d tokens, overflow state %s)", new.source,
                       len(new), "kept" if kept else "reset")

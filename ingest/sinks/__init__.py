@@ -9,7 +9,8 @@ Fallbacks wrap a sink; they are not flags inside one:
     batching.py   BatchingSink: many concurrent requests share one inner put
     spool.py      Spool: the local disk log records go to when Kestrel cannot take them
     fallback.py   SpoolingSink: the primary sink first, the spool when it fails
-    forwarder.py  Forwarder: spooled records back to Kestrel, oldest first
+    frames.py     the spool's on-disk format: segment header, frames, scanning past damage
+    forwarder.py  Forwarder: spooled records back to Kestrel, oldest first; dead letters
     memory.py     MemorySink: for unit tests and in-process benchmarks
 """
 
@@ -17,9 +18,13 @@ Fallbacks wrap a sink; they are not flags inside one:
 class SinkUnavailable(Exception):
     """No record of the batch may be acknowledged; the client should retry later.
 
-    `remaining`: the pairs not stored, when the sink knows some were (None: assume none)."""
+    `remaining`: the pairs not stored, when the sink knows some were (None: assume none).
+    `refused`: every server was reached and answered NOT_STORED for each of `remaining`
+    (a refusal, not an outage; the forwarder's dead letters depend on telling them apart)."""
 
-    def __init__(self, message="records could not be stored", retry_after_s=1, remaining=None):
+    def __init__(self, message="records could not be stored", retry_after_s=1, remaining=None,
+                 refused=False):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.remaining = remaining
+        self.refused = refused

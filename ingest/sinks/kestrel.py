@@ -3,7 +3,7 @@
 What it must not do: report a batch as taken unless every item was STORED (the client
 raises otherwise), or hide which items were stored (they are never sent twice).
 """
-from ingest.kestrel.errors import KestrelError
+from ingest.kestrel.errors import KestrelError, KestrelUnavailable
 from ingest.sinks import SinkUnavailable
 
 
@@ -18,8 +18,9 @@ class KestrelSink:
             self.client.put_many(pairs)
         except KestrelError as exc:
             # `remaining`: the pairs known not stored (None: assume none was).
+            refused = isinstance(exc, KestrelUnavailable) and exc.refused
             raise SinkUnavailable("no Kestrel server stored the records: %s" % exc,
-                                  remaining=exc.remaining) from None
+                                  remaining=exc.remaining, refused=refused) from None
 
     def ready(self):
         """Ready when some Kestrel server answers `version` now (a live check, not a guess)."""

@@ -2,12 +2,23 @@
 
 Acknowledgement rule (docs/durability.md): a request is answered as accepted only once
 every record is STORED by Kestrel or appended here under the fsync policy.  So
-`Spool.append(pairs)` writes one framed record per (queue, payload) to the active segment
-with os.write (a process crash after it returns loses nothing), then fsyncs per `sync_ms`
-(0 = before returning, group-committed: concurrent appenders share one fsync).  Frames
-carry length and CRC-32, so a torn tail from a crash is detected and dropped at replay;
-nothing before it is lost.  One process owns a spool directory at a time (an flock on
-DIR/lock).  Reading it back is ingest/sinks/forwarder.py's job.
+`Spool.append(pairs)` writes one frame per (queue, payload) to the active segment with
+os.write (a process crash after it returns loses nothing), then fsyncs per `sync_ms`
+(0 = before returning, group-committed: concurrent appenders share one fsync).  The frame
+format (ingest/sinks/frames.py) tells a crash's torn tail from damage.  One process owns
+a spool directory at a time (an flock on DIR/lock).  Reading it back is
+ingest/sinks/forwarder.py's job.
+
+Segment numbers never repeat, across restarts too: the last number handed out is kept
+in DIR/sequence (written to a temporary file, fsynced and renamed before the segment is
+created), and a new spool also starts above every spool-N name already in the directory.
+Each segment's header carries its number and 16 random bytes, which the forwarder's
+progress file must name (forwarder.py).
+
+What it must not do: acknowledge a record whose write or fsync failed, or leave a half
+frame in the middle of a segment (a failed write is cut back to the last whole frame).
+A failed write is remembered (`write_error`) so /ready can say the spool cannot take
+records; `check_writable()` probes the disk again at most once a second.
 
 This module uses `threading` primitives only; under eventlet's monkey patching they are
 green.  The blocking fsync is run through `run_blocking` (the worker passes
@@ -18,55 +29,21 @@ import fcntl
 import logging
 import os
 import re
-import struct
 import threading
 import time
-import zlib
 
 from ingest.fileio import fsync_dir as _fsync_dir
 from ingest.fileio import write_all as _write_all
 from ingest.sinks import SinkUnavailable
+from ingest.sinks.frames import encode_frame, segment_header
 
 log = logging.getLogger("ingest.spool")
 
-# Frame: payload length, crc32(queue + payload), queue length; then queue, payload.
-HEADER = struct.Struct("<IIH")
-MAX_FRAME_PAYLOAD = 64 * 1024 * 1024
 SEGMENT_RE = re.compile(r"^spool-(\d{16})\.seg$")
+ANY_NAME_RE = re.compile(r"^spool-(\d{16})\.")      # segments and their .pos/.damaged/.dead
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
-
-
-def encode_frame(queue, payload):
-    q = queue.encode("utf-8")
-    crc = zlib.crc32(payload, zlib.crc32(q))
-    return HEADER.pack(len(payload), crc, len(q)) + q + payload
-
-
-def read_frames(data, start=0):
-    """Yield (end_offset, queue, payload) for every intact frame from `start`; stop at the
-    first torn or corrupt one (the caller compares the last end offset with len(data))."""
-    pos, n, size = start, len(data), HEADER.size
-    while pos + size <= n:
-        length, crc, qlen = HEADER.unpack_from(data, pos)
-        end = pos + size + qlen + length
-        if length > MAX_FRAME_PAYLOAD or end > n:
-            return
-        q = data[pos + size:pos + size + qlen]
-        payload = data[pos + size + qlen:end]
-        if zlib.crc32(payload, zlib.crc32(q)) != crc:
-            return
-        yield end, bytes(q).decode("utf-8", "replace"), bytes(payload)
-        pos = end
-
-
-def torn_tail(data, end):
-    """Is what follows `end` one frame cut short (a crash mid-write), not damage?"""
-    rest = len(data) - end
-    if rest < HEADER.size:
-        return True
-    length, _crc, qlen = HEADER.unpack_from(data, end)
-    return end + HEADER.size + qlen + length > len(data)
-
+SEQUENCE_FILE = "sequence"
+PROBE_INTERVAL_S = 1.0
 
 
 class SpoolFull(SinkUnavailable):
@@ -96,11 +73,16 @@ class Spool:
         self._dirty_since = None
         existing = self.segments()
         self.closed_bytes = sum(os.path.getsize(self.path(s)) for s in existing)
-        self._next_seq = (existing[-1] + 1) if existing else 1
+        self._last_seq = self._highest_seq_on_disk()
         if existing:
             self.has_data.set()
         self.appended_records = 0
         self.full = False          # set when an append was refused, until space frees up
+        self.write_error = None    # why the last append failed, until one succeeds
+        self.write_errors = 0
+        self._probed_at = None
+        # Counted by the forwarder (ingest/sinks/forwarder.py), shown at /metrics.
+        self.damaged_records = self.damaged_bytes = self.dead_letters = 0
 
     # -- layout --
 
@@ -119,6 +101,37 @@ class Spool:
     def size_bytes(self):
         return self.closed_bytes + self._active_size
 
+    def _highest_seq_on_disk(self):
+        """The highest number ever handed out here: DIR/sequence, or any spool-N file."""
+        highest = 0
+        for name in os.listdir(self.dir):
+            m = ANY_NAME_RE.match(name)
+            if m:
+                highest = max(highest, int(m.group(1)))
+        try:
+            with open(os.path.join(self.dir, SEQUENCE_FILE), "rb") as fh:
+                highest = max(highest, int(fh.read().strip() or 0))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("%s/%s unreadable (%s); numbering from the files present",
+                        self.dir, SEQUENCE_FILE, exc)
+        return highest
+
+    def _take_seq(self):
+        """The next segment number, made durable before any file bears it."""
+        seq = self._last_seq + 1
+        path = os.path.join(self.dir, SEQUENCE_FILE)
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, b"%d\n" % seq)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(path + ".tmp", path)
+        self._last_seq = seq
+        return seq
+
     # -- writing --
 
     def append(self, pairs):
@@ -133,10 +146,11 @@ class Spool:
             try:
                 if self._fd is None or self._active_size >= self.segment_bytes:
                     self._rotate_locked()
+                if not self._active_size:          # the header goes with the first frames
+                    buf = segment_header(self._active_seq, self._active_id) + buf
                 self._write_locked(buf)
             except OSError as exc:   # disk full, EMFILE, I/O error: not acknowledged
-                log.error("spool write failed: %s", exc)
-                raise SinkUnavailable("spool write failed: %s" % exc, retry_after_s=5) from None
+                raise self._failed("spool write failed", exc) from None
             self._active_size += len(buf)
             self._written += len(buf)
             target = self._written
@@ -147,6 +161,33 @@ class Spool:
             self._sync_to(fd, seq, target)
         elif self._dirty_since is None:
             self._dirty_since = self.clock()
+        self.write_error = None
+
+    def _failed(self, what, exc):
+        """Remember a failed write (for /ready) and the SinkUnavailable to raise."""
+        self.write_error = "%s: %s" % (what, exc)
+        self.write_errors += 1
+        self._probed_at = self.clock()
+        log.error("%s: %s", what, exc)
+        return SinkUnavailable(self.write_error, retry_after_s=5)
+
+    def check_writable(self):
+        """None when the last append worked; else why not.  While failing, the disk is
+        probed (a small file written, fsynced, removed) at most once a second, so the
+        spool is seen to work again without a request having to risk it."""
+        if self.write_error is None:
+            return None
+        now = self.clock()
+        if self._probed_at is not None and now - self._probed_at < PROBE_INTERVAL_S:
+            return self.write_error
+        self._probed_at = now
+        try:
+            self.run_blocking(_probe, self.dir)
+        except OSError as exc:
+            self.write_error = "spool write failed: %s" % exc
+            return self.write_error
+        self.write_error = None
+        return None
 
     def _sync_to(self, fd, seq, target):
         """Group commit: whoever holds the lock fsyncs everything written so far; the
@@ -165,7 +206,7 @@ class Spool:
             except OSError as exc:
                 if exc.errno == errno.EBADF and seq != self._active_seq:
                     return
-                raise SinkUnavailable("spool fsync failed: %s" % exc) from None
+                raise self._failed("spool fsync failed", exc) from None
             if seq == self._active_seq:
                 self._synced = max(self._synced, upto)
 
@@ -179,8 +220,7 @@ class Spool:
 
     def _write_locked(self, buf):
         """Append buf; on failure cut the segment back to its last whole frame, so the
-        frames appended after it stay readable (a half frame in the middle would end
-        every later read there)."""
+        frames appended after it stay readable."""
         try:
             _write_all(self._fd, buf)
         except OSError:
@@ -195,11 +235,11 @@ class Spool:
     def _rotate_locked(self):
         """Open a fresh segment, then retire the active one (fsynced).
 
-        The new file is opened and made durable first, so a failure (EMFILE, ENOSPC)
-        leaves the spool exactly as it was."""
-        seq = self._next_seq
+        The new file is numbered and made durable first, so a failure (EMFILE, ENOSPC)
+        leaves the spool exactly as it was (a number may be skipped, never reused)."""
+        seq = self._take_seq()
         path = self.path(seq)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         try:
             _fsync_dir(self.dir)
             if self._fd is not None:
@@ -208,9 +248,8 @@ class Spool:
             os.close(fd)
             _unlink_quietly(path)
             raise
-        self._next_seq += 1
         self._retire_active_locked(synced=True)
-        self._fd, self._active_seq = fd, seq
+        self._fd, self._active_seq, self._active_id = fd, seq, os.urandom(16)
 
     def _retire_active_locked(self, synced=False):
         """Close the active segment; it becomes a closed segment for the forwarder."""
@@ -236,6 +275,9 @@ class Spool:
     def closed_segments(self):
         return [s for s in self.segments() if s != self._active_seq]
 
+    def active_bytes(self):
+        return self._active_size
+
     def forgot(self, seq, size):
         """A closed segment was fully forwarded and deleted."""
         self.closed_bytes = max(0, self.closed_bytes - size)
@@ -246,6 +288,17 @@ class Spool:
             self._closed = True
             self._retire_active_locked()
         os.close(self._lock_fd)
+
+
+def _probe(directory):
+    path = os.path.join(directory, ".probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, b"\0" * 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        _unlink_quietly(path)
 
 
 def _unlink_quietly(path):

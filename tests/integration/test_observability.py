@@ -1,23 +1,19 @@
 """Issue 9 on a real worker: /health, /ready, /metrics and the access log."""
 import json
-import urllib.error
-import urllib.request
 from urllib.parse import quote
 
 from testkit.procs import wait_until
 
 
 def get(worker, path):
-    try:
-        with urllib.request.urlopen(worker.url + path, timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+    return worker.get(path)
 
 
 def test_ready_follows_the_queue_server_while_health_stays_up(queue_server, make_worker):
     worker = make_worker(queue_server.address, extra=["--kestrel-retry-ms", "100"])
-    assert get(worker, "/health") == (200, b'{"status":"ok"}')
+    status, body = get(worker, "/health")
+    identity = json.loads(body)
+    assert status == 200 and identity["status"] == "ok" and identity["port"] == worker.port
     assert get(worker, "/ready")[0] == 200
 
     queue_server.proc.kill()

@@ -29,11 +29,7 @@ def events(token, n, prefix):
 
 
 def metric(worker, name):
-    with urllib.request.urlopen(worker.url + "/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
+    return worker.metric(name)
 
 
 def ids(records):

@@ -4,12 +4,15 @@ Each rejection is checked for its stable reason, the field it names and its mess
 because the verbose answer and the strict `failed_records` are built from them.
 """
 import copy
+import json
 
 import pytest
 
 from ingest import clean
 from ingest.clean import Context
 from ingest.errors import RecordRejected
+
+from .golden.harness import call, form, make
 
 NOW = 1_800_000_000.123
 DAY = 86400
@@ -218,7 +221,8 @@ def test_cleaner_for_import_requires_import_fields():
 # ---- /engage and /groups -----------------------------------------------------------------
 
 OP_VALUES = {"$set": {"a": 1}, "$set_once": {"a": 1}, "$add": {"n": 2}, "$append": {"l": 1},
-             "$union": {"l": [1]}, "$remove": {"l": 1}, "$unset": ["a"], "$delete": ""}
+             "$union": {"l": [1]}, "$remove": {"l": 1}, "$unset": ["a"], "$delete": "",
+             "$merge": {"prefs": {"theme": "dark"}}}
 
 
 def profile(op="$set", **extra):
@@ -266,12 +270,12 @@ def test_engage_delete_value_is_ignored_and_numeric_distinct_id_is_fine():
      ("missing_distinct_id", "$distinct_id", "$distinct_id is missing")),
     ({"$token": "t", "$distinct_id": "u"},
      ("invalid_operation", "operation",
-      "expected exactly one of $set $set_once $add $append $union $remove $unset $delete,"
-      " got none")),
+      "expected exactly one of $set $set_once $add $append $union $remove $unset $delete"
+      " $merge, got none")),
     ({"$token": "t", "$distinct_id": "u", "$set": {}, "$unset": []},
      ("invalid_operation", "operation",
-      "expected exactly one of $set $set_once $add $append $union $remove $unset $delete,"
-      " got $set $unset")),
+      "expected exactly one of $set $set_once $add $append $union $remove $unset $delete"
+      " $merge, got $set $unset")),
     ({"$token": "t", "$distinct_id": "u", "$set": [1]},
      ("invalid_operation", "$set", "$set must be an object")),
     ({"$token": "t", "$distinct_id": "u", "$unset": {"a": 1}},
@@ -280,6 +284,68 @@ def test_engage_delete_value_is_ignored_and_numeric_distinct_id_is_fine():
 ])
 def test_engage_rejections(record, want):
     assert rejected(clean.clean_engage, record, ctx()) == want
+
+
+# What each official SDK sends to /engage and /groups, as it sends it (the wire shapes are in
+# tests/unit/golden/phone_*, py_*, node_*, hand_browser_*): every one is accepted as sent.
+SDK_UPDATES = [
+    ("android People.merge()", "engage", "$merge", {"prefs": {"theme": "dark", "n": 1}}),
+    ("android deleteUser()", "engage", "$delete", None),
+    ("swift/iphone deleteUser()", "engage", "$delete", {}),
+    ("react-native deleteUser()", "engage", "$delete", "null"),
+    ("python/node delete", "engage", "$delete", ""),
+    ("trackCharge()", "engage", "$append", {"$transactions": {"$amount": 9.99,
+                                                             "$time": "2026-11-26T00:26:38"}}),
+    ("python clear_charges", "engage", "$unset", ["$transactions"]),
+    ("node/swift clear_charges", "engage", "$set", {"$transactions": []}),
+    ("android remove()", "engage", "$remove", {"tags": "trial"}),
+    ("android deleteGroup()", "groups", "$delete", None),
+    ("swift/iphone deleteGroup()", "groups", "$delete", {}),
+    ("react-native deleteGroup()", "groups", "$delete", "null"),
+    ("android group unset()", "groups", "$unset", ["old"]),
+    ("android group union()", "groups", "$union", {"regions": ["eu"]}),
+]
+
+
+@pytest.mark.parametrize("sdk, endpoint, op, value", SDK_UPDATES,
+                         ids=[u[0] for u in SDK_UPDATES])
+def test_every_operation_an_sdk_sends_is_accepted_as_sent(sdk, endpoint, op, value):
+    build, fn = (profile, clean.clean_engage) if endpoint == "engage" else (group, clean.clean_group)
+    record = build(**{"$time": 1_799_999_000_123})
+    del record["$set"]
+    record[op] = copy.deepcopy(value)
+    before = copy.deepcopy(record)
+    assert fn(record, ctx()) == "tok"
+    assert record == before
+
+
+# What no SDK sends stays refused, with a reason that names what was found.
+GROUPS_EXPECTED = "expected exactly one of $set $set_once $union $remove $unset $delete"
+
+
+@pytest.mark.parametrize("fn, record, want", [
+    (clean.clean_group, group("$merge"), ("operation", GROUPS_EXPECTED + ", got $merge")),
+    (clean.clean_group, group("$add"), ("operation", GROUPS_EXPECTED + ", got $add")),
+    (clean.clean_group, group("$set", **{"$add": {"n": 1}}),
+     ("operation", GROUPS_EXPECTED + ", got $set $add")),
+    (clean.clean_engage, profile("$set", **{"$merge": {"a": {}}}),
+     ("operation", "expected exactly one of $set $set_once $add $append $union $remove $unset"
+                   " $delete $merge, got $set $merge")),
+    (clean.clean_engage, {"$token": "t", "$distinct_id": "u", "$merge": ["a"]},
+     ("$merge", "$merge must be an object")),
+])
+def test_operations_no_sdk_sends_are_rejected_with_the_reason(fn, record, want):
+    assert rejected(fn, record, ctx()) == ("invalid_operation",) + want
+
+
+def test_the_reason_reaches_the_verbose_answer_and_nothing_is_queued():
+    app, sink = make()
+    data = '[{"$token":"t","$group_key":"k","$group_id":"g","$add":{"n":1}}]'
+    r = call(app, "POST", "/groups/", "verbose=1", form(data=data),
+             "application/x-www-form-urlencoded")
+    assert (r.status, json.loads(r.body)) == (200, {
+        "status": 0, "error": "record 0: " + GROUPS_EXPECTED + ", got $add"})
+    assert sink.items == []
 
 
 def test_engage_operation_size_limit():

@@ -12,11 +12,13 @@ import time
 import pytest
 
 from ingest.sinks import SinkUnavailable
+from ingest.sinks import frames
 from ingest.sinks.batching import BatchingSink
 from ingest.sinks.fallback import SpoolingSink
 from ingest.sinks.forwarder import Forwarder
+from ingest.sinks.frames import SEGMENT_HEADER_BYTES, encode_frame
 from ingest.sinks.memory import MemorySink
-from ingest.sinks.spool import HEADER, Spool, SpoolFull, encode_frame, read_frames
+from ingest.sinks.spool import Spool, SpoolFull
 
 
 def pairs(n, start=0, queue="events", size=0):
@@ -26,6 +28,18 @@ def pairs(n, start=0, queue="events", size=0):
 
 def seg_files(directory):
     return sorted(n for n in os.listdir(directory) if n.endswith(".seg"))
+
+
+def read_frames(data):
+    """(end, queue, payload) of every good frame of a segment's bytes."""
+    segment = frames.open_segment(data)
+    return [e[1:] for e in frames.scan(data, segment.body, segment.version)
+            if e[0] is frames.FRAME]
+
+
+def framed(records):
+    """Bytes of one segment holding `records`, header included."""
+    return SEGMENT_HEADER_BYTES + sum(len(encode_frame(q, p)) for q, p in records)
 
 
 class FlakyPut:
@@ -65,43 +79,6 @@ def spool_dir(tmp_path):
     return str(tmp_path / "spool")
 
 
-# -- framing --
-
-def test_frames_round_trip_with_unicode_queue_and_empty_payload():
-    data = (encode_frame("évents", b'{"a":1}') + encode_frame("q", b"")
-            + encode_frame("x", b"\x00\xff"))
-    out = list(read_frames(data))
-    assert [(q, p) for _, q, p in out] == [("évents", b'{"a":1}'), ("q", b""), ("x", b"\x00\xff")]
-    assert out[-1][0] == len(data)
-
-
-def test_a_torn_tail_is_dropped_at_every_cut_point_and_nothing_before_it():
-    good = encode_frame("events", b'{"n":1}') + encode_frame("events", b'{"n":2}')
-    last = encode_frame("events", b'{"n":3,"pad":"abcdefgh"}')
-    for cut in range(0, len(last)):
-        frames = list(read_frames(good + last[:cut]))
-        assert [p for _, _, p in frames] == [b'{"n":1}', b'{"n":2}'], cut
-        assert frames[-1][0] == len(good)
-
-
-def test_a_corrupt_byte_stops_reading_at_that_frame():
-    a, b, c = (encode_frame("events", b'{"n":%d}' % i) for i in range(3))
-    damaged = bytearray(b)
-    damaged[-2] ^= 0x01                      # payload bit flip: CRC mismatch
-    frames = list(read_frames(a + bytes(damaged) + c))
-    assert [p for _, _, p in frames] == [b'{"n":0}']
-
-
-def test_an_absurd_length_is_treated_as_corruption():
-    bad = HEADER.pack(1 << 31, 0, 1) + b"e" + b"x" * 10
-    assert list(read_frames(encode_frame("e", b"1") + bad)) == [(HEADER.size + 2, "e", b"1")]
-
-
-def test_read_frames_starts_at_an_offset():
-    a, b = encode_frame("e", b"a"), encode_frame("e", b"b")
-    assert [p for _, _, p in read_frames(a + b, len(a))] == [b"b"]
-
-
 # -- writing, rotation, reopening --
 
 def test_append_writes_frames_to_a_segment_readable_after_a_crash(spool_dir):
@@ -111,8 +88,8 @@ def test_append_writes_frames_to_a_segment_readable_after_a_crash(spool_dir):
     # No close(): a crash.  What os.write put in the file is all there.
     (name,) = seg_files(spool_dir)
     with open(os.path.join(spool_dir, name), "rb") as fh:
-        frames = list(read_frames(fh.read()))
-    assert [(q, p) for _, q, p in frames] == pairs(3) + pairs(2, start=3, queue="people")
+        found = read_frames(fh.read())
+    assert [(q, p) for _, q, p in found] == pairs(3) + pairs(2, start=3, queue="people")
     assert spool.appended_records == 5
 
 
@@ -124,6 +101,9 @@ def test_segments_rotate_at_the_size_and_keep_order(spool_dir):
     files = seg_files(spool_dir)
     assert len(files) >= 5
     assert files == ["spool-%016d.seg" % s for s in range(1, len(files) + 1)]
+    for seq, name in enumerate(files, 1):
+        with open(os.path.join(spool_dir, name), "rb") as fh:
+            assert frames.open_segment(fh.read()).seq == seq
     records = []
     for name in files:
         with open(os.path.join(spool_dir, name), "rb") as fh:
@@ -162,40 +142,40 @@ def test_append_after_close_is_refused(spool_dir):
 # -- size cap --
 
 def test_size_cap_raises_spool_full_and_writes_nothing(spool_dir):
-    frame = len(encode_frame("events", pairs(1)[0][1]))
-    spool = Spool(spool_dir, max_bytes=frame * 10)
+    full = framed(pairs(10))
+    spool = Spool(spool_dir, max_bytes=full)
     spool.append(pairs(10))
     before = spool.size_bytes()
     with pytest.raises(SpoolFull) as info:
         spool.append(pairs(1, start=10))
     assert isinstance(info.value, SinkUnavailable) and info.value.retry_after_s >= 1
-    assert spool.size_bytes() == before == frame * 10
+    assert spool.size_bytes() == before == full
     (name,) = seg_files(spool_dir)
-    assert os.path.getsize(os.path.join(spool_dir, name)) == frame * 10
+    assert os.path.getsize(os.path.join(spool_dir, name)) == full
     spool.close()
 
 
 def test_a_batch_that_would_cross_the_cap_is_refused_whole(spool_dir):
-    frame = len(encode_frame("events", pairs(1)[0][1]))
-    spool = Spool(spool_dir, max_bytes=frame * 10)
+    full = framed(pairs(10))
+    spool = Spool(spool_dir, max_bytes=full)
     spool.append(pairs(8))
     with pytest.raises(SpoolFull):
         spool.append(pairs(3, start=8))
     spool.append(pairs(2, start=8))          # what fits still goes in
-    assert spool.size_bytes() == frame * 10
+    assert spool.size_bytes() == full
     spool.close()
 
 
 def test_forwarding_frees_room_under_the_cap(spool_dir):
-    frame = len(encode_frame("events", pairs(1)[0][1]))
-    spool = Spool(spool_dir, max_bytes=frame * 5)
+    full = framed(pairs(5))
+    spool = Spool(spool_dir, max_bytes=full)
     spool.append(pairs(5))
     with pytest.raises(SpoolFull):
         spool.append(pairs(1, start=5))
     put = FlakyPut()
     assert Forwarder(spool, put).forward_once()
     spool.append(pairs(5, start=5))
-    assert spool.size_bytes() == frame * 5
+    assert spool.size_bytes() == framed(pairs(5, start=5))
     spool.close()
 
 
@@ -235,14 +215,15 @@ def test_group_commit_shares_one_fsync_among_concurrent_appenders(spool_dir):
     frame = len(encode_frame("events", pairs(1)[0][1]))
     path = os.path.join(spool_dir, seg_files(spool_dir)[0])
     deadline = time.monotonic() + 5
-    while os.path.getsize(path) < 9 * frame and time.monotonic() < deadline:
+    while os.path.getsize(path) < SEGMENT_HEADER_BYTES + 9 * frame and \
+            time.monotonic() < deadline:
         time.sleep(0.001)
     gate.set()
     for t in [first] + others:
         t.join(5)
     assert not any(t.is_alive() for t in [first] + others)
     # One fsync for the first frame, then one more that covers all eight that waited.
-    assert calls == [frame, 9 * frame]
+    assert calls == [SEGMENT_HEADER_BYTES + frame, SEGMENT_HEADER_BYTES + 9 * frame]
     spool.close()
 
 
@@ -341,8 +322,8 @@ def test_forwarder_keeps_a_segment_until_every_record_is_stored(spool_dir):
     seg = os.path.join(spool_dir, "spool-%016d.seg" % 1)
     assert os.path.exists(seg)
     with open(seg + ".pos") as fh:
-        pos = int(fh.read())
-    assert pos == sum(len(encode_frame(q, p)) for q, p in pairs(6))
+        pos = int(fh.read().split()[-2])
+    assert pos == framed(pairs(6))
     # Retry resumes after the .pos: no record of the first six is sent again.
     assert forwarder.forward_once()
     assert put.stored == pairs(10)
@@ -357,7 +338,7 @@ def test_a_lost_pos_file_means_duplicates_never_loss(spool_dir):
     forwarder = Forwarder(spool, put, batch_records=3)
     assert not forwarder.forward_once()
     os.unlink(os.path.join(spool_dir, "spool-%016d.seg.pos" % 1))
-    assert forwarder.forward_once()
+    assert Forwarder(spool, put, batch_records=3).forward_once()     # as after a restart
     assert put.stored == pairs(3) + pairs(6)
     spool.close()
 
@@ -385,6 +366,7 @@ def test_a_predecessors_segments_with_a_torn_tail_are_forwarded_and_deleted(spoo
     seg = os.path.join(spool_dir, "spool-%016d.seg" % 1)
     with open(seg, "ab") as fh:
         fh.write(encode_frame("events", b'{"torn":true}')[:-3])
+    assert not [n for n in os.listdir(spool_dir) if n.endswith(".damaged")]
     spool = Spool(spool_dir)
     put = FlakyPut()
     assert Forwarder(spool, put).forward_once()
@@ -459,7 +441,7 @@ def test_spooling_sink_is_not_ready_once_the_spool_refuses(spool_dir):
     primary = MemorySink()
     primary.failing = True
     frame = len(encode_frame("events", pairs(1)[0][1]))
-    spool = Spool(spool_dir, max_bytes=frame * 10 + frame // 2)
+    spool = Spool(spool_dir, max_bytes=framed(pairs(10)) + frame // 2)
     sink = SpoolingSink(primary, spool)
     sink.put(pairs(10))
     with pytest.raises(SpoolFull):
@@ -662,14 +644,14 @@ def test_the_forwarder_survives_errors_and_keeps_forwarding(spool_dir, monkeypat
     from ingest.sinks import forwarder as forwarder_module
     spool = Spool(spool_dir)
     spool.append(pairs(5))
-    real = forwarder_module._write_pos
+    real = forwarder_module.Progress.save
     failures = {"n": 0}
 
-    def full_disk(path, offset):
+    def full_disk(progress, offset):
         failures["n"] += 1
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(forwarder_module, "_write_pos", full_disk)
+    monkeypatch.setattr(forwarder_module.Progress, "save", full_disk)
     put = FlakyPut()
     forwarder = Forwarder(spool, put, batch_records=2, retry_s=0.01)
     thread = threading.Thread(target=forwarder.run, kwargs={"tick_s": 0.005}, daemon=True)
@@ -678,7 +660,7 @@ def test_the_forwarder_survives_errors_and_keeps_forwarding(spool_dir, monkeypat
     while failures["n"] < 2 and time.monotonic() < deadline:
         time.sleep(0.005)                        # poll interval
     assert failures["n"] >= 2 and thread.is_alive()
-    monkeypatch.setattr(forwarder_module, "_write_pos", real)
+    monkeypatch.setattr(forwarder_module.Progress, "save", real)
     while not (set(put.stored) >= set(pairs(5)) and not forwarder.pending()) \
             and time.monotonic() < deadline:
         time.sleep(0.005)                        # poll interval
@@ -689,19 +671,22 @@ def test_the_forwarder_survives_errors_and_keeps_forwarding(spool_dir, monkeypat
     spool.close()
 
 
-def test_damage_in_the_middle_of_a_segment_is_kept_for_inspection(spool_dir):
+def test_damage_in_the_first_frame_keeps_its_bytes_and_delivers_the_rest(spool_dir):
     spool = Spool(spool_dir)
     spool.append(pairs(3))
     spool.seal_active()
     seq = spool.closed_segments()[0]
     path = spool.path(seq)
     with open(path, "r+b") as fh:
-        fh.seek(HEADER.size + 2)                 # inside the first frame's queue name
+        fh.seek(SEGMENT_HEADER_BYTES + frames.FRAME_HEADER_BYTES + 2)   # the queue name
         fh.write(b"\xff")
     put = FlakyPut()
     assert Forwarder(spool, put).forward_once()
-    assert put.stored == []
-    assert os.path.exists(path + ".damaged") and not os.path.exists(path)
+    assert put.stored == pairs(3)[1:]
+    kept = path + "@%d.damaged" % SEGMENT_HEADER_BYTES
+    assert os.path.getsize(kept) == len(encode_frame(*pairs(1)[0]))
+    assert not os.path.exists(path)
+    assert (spool.damaged_records, spool.damaged_bytes) == (1, os.path.getsize(kept))
     spool.close()
 
 

@@ -18,7 +18,7 @@ from ingest.sinks.memory import MemorySink
 
 NOW = 1_800_000_000.123          # the fixed arrival time (2027-01-15) most tests use
 NOW_MS = 1_800_000_000_123
-ALLOWED_STATUSES = {200, 204, 302, 400, 401, 404, 405, 413, 415, 503}
+ALLOWED_STATUSES = {200, 204, 302, 400, 401, 404, 405, 408, 413, 415, 503}
 
 
 def settings(**changes):
@@ -99,21 +99,28 @@ def call(app, method="GET", path="/track", query="", body=None, content_type=Non
         if hasattr(result, "close"):
             result.close()
     response = Response(seen["status"], seen["headers"], body_out)
-    check(response, (headers or {}).get("Origin"), head=method == "HEAD")
+    check(response, (headers or {}).get("Origin"), head=method == "HEAD",
+          operator=(path.rstrip("/") or "/") in OPERATOR_PATHS)
     return response
 
 
-def check(response, origin=None, head=False):
+# Answered without any CORS header (ingest/http/admin.py).
+OPERATOR_PATHS = ("/health", "/ready", "/metrics")
+
+
+def check(response, origin=None, head=False, operator=False):
     """Invariants of every response: an allowed status (never 500), Content-Length equal
     to the body (for HEAD: no body at all), no caching, and CORS that echoes the caller's
-    Origin with credentials."""
+    Origin with credentials, except on operator paths, which carry no CORS at all."""
     assert response.status in ALLOWED_STATUSES, response
     if head:
         assert response.body == b"" and response.headers.get("content-length"), response
     else:
         assert response.headers.get("content-length") == str(len(response.body)), response
     assert response.headers.get("cache-control") == "no-cache, no-store", response
-    if origin:
+    if operator:
+        assert not [h for h in response.headers if h.startswith("access-control")], response
+    elif origin:
         assert response.headers.get("access-control-allow-origin") == origin, response
         assert response.headers.get("access-control-allow-credentials") == "true", response
 
