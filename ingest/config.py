@@ -282,6 +282,8 @@ QUEUE = Table("QueueSettings", [
     Field("config", optional_str, None, "per-queue settings file (JSON; docs/queue-server.md)"),
     Field("max_item_bytes", optional_int, None,
           "largest item accepted by default (bytes; default 16 MiB)", check=not_negative),
+    Field("max_queues", int, 1000, "most queues; a set or get that would create one more is"
+          " answered SERVER_ERROR", check=positive),
 ], env_prefix="INGEST_QUEUE_")
 
 QueueSettings = QUEUE.type

@@ -52,6 +52,11 @@ def client_error(text):
     return b"CLIENT_ERROR %s\r\n" % text.encode()
 
 
+def server_error(text):
+    """`SERVER_ERROR <text>`: the server cannot serve the request now (then it closes)."""
+    return b"SERVER_ERROR %s\r\n" % text.encode("utf-8", "replace")
+
+
 def count_reply(n):
     """The bare decimal line of flush_expired / flush_all_expired."""
     return b"%d\r\n" % n
@@ -264,6 +269,7 @@ QUEUE_STATS = sorted((
     "age", "discarded", "waiters", "open_transactions", "transactions",
     "canceled_transactions", "total_flushes", "journal_rewrites", "journal_rotations",
     "children", "put_items", "put_bytes", "journal_size", "age_msec", "create_time",
+    "lost_items",
 ), key=len, reverse=True)
 
 

@@ -14,16 +14,22 @@ get), so journal order always equals memory order.
 
 Modules, from the bottom up:
     options.py     per-queue options (frozen) and the JSON --config file
-    journal.py     record format, replay of a journal file, the journal writer
-    store.py       Queue: one queue in memory, every change journaled
+    journal.py     record format and checks, the journal writer
+    backlog.py     read-behind: the items only in the journal, read back in order
+    replay.py      start-up: replay a journal within the memory bound; torn tails;
+                   recovery of a damaged journal
+    store.py       Queue: memory part + backlog, every change journaled
     waiters.py     blocked `get /t=` reads: parking a green thread, waking it
     syncer.py      fsync policy (periodic or group commit) in a worker thread
+    readahead.py   reads backlogs back ahead of need, in a worker thread
+    compactor.py   journal rewrites in the background, streamed
     server.py      QueueServer: the queues by name, fanout, counters, stats
     connection.py  one client connection: parse, execute, journal, reply
-    main.py        `main(settings)`: load, listen, accept, signals, shutdown
+    main.py        `main(settings)`: lock, bind, load, listen, accept, signals, shutdown
 
-In the queue server only this package uses eventlet (waiters, syncer, server, connection,
-main); options and journal are plain Python, and store reaches eventlet only through
-waiters.  The wire bytes come from ingest/kestrel/protocol.py.  Importing this package
+In the queue server only this package uses eventlet (waiters, syncer, readahead,
+compactor, server, connection, main); options, journal, backlog and replay are plain
+Python, and store reaches eventlet only through waiters (and asks its owner, the
+server, for read-ahead and rewrites).  The wire bytes come from ingest/kestrel/protocol.py.  Importing this package
 imports nothing.
 """

@@ -7,7 +7,9 @@ shared fsync, then every reply in one sendall.  It owns the reliable reads opene
 and hands them back to their queues when the client goes away.
 
 What it must not do: send a reply before the journal records of its batch are written;
-buffer without bound (request lines are capped at protocol.MAX_LINE_BYTES and a data
+leave a request unanswered once it changed a queue (a request it cannot serve is
+answered SERVER_ERROR or CLIENT_ERROR and the connection closed before the next one is
+read); buffer without bound (request lines are capped at protocol.MAX_LINE_BYTES and a data
 block larger than any queue accepts is discarded as it streams in, never allocated);
 let one client's bad request affect another (it gets CLIENT_ERROR and this connection
 closes).  Reply bytes come from ingest/kestrel/protocol.py.
@@ -25,7 +27,7 @@ from ingest.kestrel.protocol import (CRLF, DELETED_REPLY, END_REPLY, ERROR_REPLY
                                      STORED_REPLY, UNSUPPORTED_STORAGE, VALUE_HEADER,
                                      VALUE_TRAILER)
 from ingest.queue import journal as jr
-from ingest.queue.server import VERSION
+from ingest.queue.server import VERSION, QueueRefused
 from ingest.queue.waiters import GONE, READABLE, WOKEN, Waiter, park
 
 log = logging.getLogger("ingest.queue")
@@ -61,7 +63,7 @@ class Connection:
         counters["total_connections"] += 1
         try:
             self._loop()
-        except (ConnectionGone, CloseConnection, OSError):
+        except (ConnectionGone, CloseConnection):
             pass
         except Exception:
             log.exception("connection failed")
@@ -73,7 +75,10 @@ class Connection:
         chunks, have, need = [], 0, 1
         recv = self.sock.recv
         while True:
-            chunk = recv(RECV_BYTES)
+            try:
+                chunk = recv(RECV_BYTES)
+            except OSError:
+                raise ConnectionGone() from None
             if not chunk:
                 return
             if self.skip:
@@ -108,7 +113,10 @@ class Connection:
         if self.out:
             data = b"".join(self.out)
             self.out.clear()
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                raise ConnectionGone() from None
 
     def _cleanup(self):
         """Disconnect: every open read goes back to its queue's head, in opening order."""
@@ -154,6 +162,9 @@ class Connection:
                 handler(self, parts)
         except proto.ProtocolError as exc:
             self.out.append(proto.client_error(str(exc)))
+            raise CloseConnection() from None
+        except QueueRefused as exc:
+            self.out.append(proto.server_error(str(exc)))
             raise CloseConnection() from None
         except CloseConnection:
             raise
@@ -280,7 +291,7 @@ class Connection:
                 waiter.done = True
                 if waiter in waiting:
                     waiting.remove(waiter)
-                elif reason != WOKEN and q.items:
+                elif reason != WOKEN and q.count():
                     q.wake()    # we were woken but timed out/left first: pass it on
             if reason == READABLE:
                 if self._peer_closed():

@@ -1,4 +1,4 @@
-"""Append-only per-queue journal of the bundled queue server: record format and replay.
+"""Append-only per-queue journal of the bundled queue server: record format and writer.
 
 Every record is `<u32 body length><u32 crc32(body)>` + body, little-endian, where body
 starts with a one-byte opcode:
@@ -11,27 +11,21 @@ starts with a one-byte opcode:
     FLUSH    6                                                drop every queued item
 
 All head operations are journaled in the order they happen in memory, so replaying the
-file rebuilds the exact queue.  The length + crc detect a torn tail (a write cut short
-by a crash) or garbage: replay stops at the first bad record and reports its offset,
-and the server truncates the file there.  The in-memory form of a queued item IS its
-ADD record (bytes), so a compacting rewrite writes memory back verbatim.
-
-The module has three parts: the record format (encode_*, item_*), replay (iter_records,
-replay_bytes: pure, bytes in, state out; load: the file, truncating a torn tail), and
-`Journal`, the writer of one queue's file.
+file rebuilds the exact queue (replay.py).  The length + crc let a reader tell a valid
+record from a torn or damaged one (`frame_end`).  The in-memory form of a queued item IS its ADD record (bytes),
+so a rewrite writes memory back verbatim and the read-behind reads items back verbatim.
 
 What it must not do: sockets or eventlet (`Journal` does plain blocking file I/O: os.write
 to the file before the reply, fsync when the server's sync policy says so), or know
-about queues beyond the records: store.py keeps the queue in memory.
+about queues beyond the records: store.py keeps the queue, replay.py reads files back.
 """
-import collections
 import logging
 import os
 import posix
 import struct
 import zlib
 
-from ingest.fileio import fsync_dir, write_all
+from ingest.fileio import write_all
 
 log = logging.getLogger("ingest.queue.journal")
 
@@ -40,16 +34,19 @@ log = logging.getLogger("ingest.queue.journal")
 EXIT_IO_ERROR = 75
 
 OP_ADD, OP_REMOVE, OP_OPEN, OP_CONFIRM, OP_UNREMOVE, OP_FLUSH = 1, 2, 3, 4, 5, 6
-_OPS = frozenset((OP_ADD, OP_REMOVE, OP_OPEN, OP_CONFIRM, OP_UNREMOVE, OP_FLUSH))
 
 HEADER = struct.Struct("<II")          # body length, crc32(body)
 ADD_PREFIX = struct.Struct("<Bqq")     # op, add ms, expiry ms
 XID_BODY = struct.Struct("<BQ")        # op, xid
 HEADER_BYTES = HEADER.size             # 8
 DATA_OFFSET = HEADER_BYTES + ADD_PREFIX.size   # 25: where data starts in an ADD record
+ADD_BODY_MIN = ADD_PREFIX.size         # 17: the shortest ADD body (empty item)
 ADD_MS = struct.Struct("<q")           # read at offset 9 (add) / 17 (expiry) of a record
 EXPIRY_OFFSET = HEADER_BYTES + 9
 ADD_OFFSET = HEADER_BYTES + 1
+# The body length each opcode must have (ADD: at least ADD_BODY_MIN).
+BODY_BYTES = {OP_REMOVE: 1, OP_FLUSH: 1, OP_OPEN: XID_BODY.size,
+              OP_CONFIRM: XID_BODY.size, OP_UNREMOVE: XID_BODY.size}
 # PERF: the C write, not `os.write`: under eventlet's monkey patching os.write becomes a
 # green wrapper that fstat()s the fd on every call to learn it is a regular file (which
 # never blocks in the eventlet sense), an extra syscall per batch for nothing.
@@ -97,109 +94,29 @@ def item_add_ms(record):
     return ADD_MS.unpack_from(record, ADD_OFFSET)[0]
 
 
-# ---- replay -----------------------------------------------------------------------------
+# ---- checking frames --------------------------------------------------------------------
 
-class Replayed:
-    """What replaying a journal produced: queued items, open reads, and where it stopped."""
-
-    def __init__(self):
-        self.items = collections.deque()     # ADD records, head first
-        self.open = {}                       # xid -> ADD record, in opening order
-        self.max_xid = 0
-        self.good_bytes = 0                  # length of the valid prefix of the file
-        self.torn = False                    # True when bytes after good_bytes were bad
-        self.reason = ""
-
-
-def iter_records(buf):
-    """Yield (offset, body memoryview, record end) for each valid record; stop at the
-    first torn/corrupt one.  The generator's return value is (end, reason or '')."""
-    view = memoryview(buf)
-    pos, n = 0, len(buf)
-    while pos < n:
-        if n - pos < HEADER_BYTES:
-            return pos, "short header"
-        length, crc = HEADER.unpack_from(buf, pos)
-        end = pos + HEADER_BYTES + length
-        if length < 1 or length > MAX_BODY_BYTES or end > n:
-            return pos, "record runs past end of file"
-        body = view[pos + HEADER_BYTES:end]
-        if zlib.crc32(body) != crc:
-            return pos, "checksum mismatch"
-        if body[0] not in _OPS:
-            return pos, "unknown opcode %d" % body[0]
-        yield pos, body, end
-        pos = end
-    return pos, ""
-
-
-def replay_bytes(buf):
-    """Rebuild queue state from journal bytes.  Pure: no files, no clock."""
-    state = Replayed()
-    records = iter_records(buf)
-    while True:
-        try:
-            pos, body, end = next(records)
-        except StopIteration as stop:
-            state.good_bytes, state.reason = stop.value
-            state.torn = state.good_bytes < len(buf)
-            return state
-        if not _apply(state, body, buf, pos, end):
-            state.good_bytes, state.reason, state.torn = pos, "inconsistent record", True
-            return state
-
-
-def _apply(state, body, buf, pos, end):
-    """Apply one record; False when it cannot apply (treated as corruption)."""
-    op = body[0]
+def body_fits(op, length):
+    """True when a body of `length` bytes is what opcode `op` carries."""
     if op == OP_ADD:
-        if len(body) < ADD_PREFIX.size:
-            return False
-        state.items.append(bytes(buf[pos:end]))
-    elif op == OP_REMOVE:
-        if not state.items:
-            return False
-        state.items.popleft()
-    elif op == OP_FLUSH:
-        state.items.clear()
-    else:
-        if len(body) != XID_BODY.size:
-            return False
-        xid = XID_BODY.unpack(body)[1]
-        state.max_xid = max(state.max_xid, xid)
-        return _apply_xid(state, op, xid)
-    return True
+        return length >= ADD_BODY_MIN
+    return BODY_BYTES.get(op) == length
 
 
-def _apply_xid(state, op, xid):
-    if op == OP_OPEN:
-        if not state.items or xid in state.open:
-            return False
-        state.open[xid] = state.items.popleft()
-    elif op == OP_CONFIRM:
-        return state.open.pop(xid, None) is not None
-    elif op == OP_UNREMOVE:
-        record = state.open.pop(xid, None)
-        if record is None:
-            return False
-        state.items.appendleft(record)
-    return True
-
-def load(path):
-    """Replay the journal at `path`, truncating a torn tail in place (with a log line)."""
-    with open(path, "rb") as fh:
-        buf = fh.read()
-    state = replay_bytes(buf)
-    if state.torn:
-        log.warning("journal %s: %s at offset %d; truncated %d trailing bytes"
-                    " (data after that point may have been lost)",
-                    path, state.reason, state.good_bytes, len(buf) - state.good_bytes)
-        with open(path, "r+b") as fh:
-            fh.truncate(state.good_bytes)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return state
-
+def frame_end(buf, pos, n):
+    """The end offset of the valid record at `pos` in buf[:n], or None: the record must be
+    complete, its crc must match and its opcode must be known with a body that fits."""
+    if n - pos < HEADER_BYTES:
+        return None
+    length, crc = HEADER.unpack_from(buf, pos)
+    end = pos + HEADER_BYTES + length
+    if length < 1 or length > MAX_BODY_BYTES or end > n:
+        return None
+    if not body_fits(buf[pos + HEADER_BYTES], length):
+        return None
+    if zlib.crc32(memoryview(buf)[pos + HEADER_BYTES:end]) != crc:
+        return None
+    return end
 
 
 # ---- the file of one queue ---------------------------------------------------------------
@@ -218,31 +135,49 @@ class Journal:
     `append` only buffers; `write` issues ONE os.write for everything buffered, which the
     server calls before it sends the replies of a batch (so a process crash after a reply
     loses nothing).  `fsync` is separate and driven by the server's sync policy.
+    `generation` changes whenever the file's bytes stop meaning what they meant (truncate,
+    swap for a rewritten file, removal), so a read started before can tell it is stale.
     """
 
     def __init__(self, path):
         self.path = path
         self.pending = []
+        self.pending_bytes = 0
         self.dirty = False          # written since the last fsync
+        self.dir_dirty = False      # the file was renamed into place; fsync the directory
+        self.generation = 0
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.size = os.fstat(self.fd).st_size
+        self.read_fd = None         # opened when items are read back (read-behind)
+
+    @property
+    def end(self):
+        """The offset the next appended record will have."""
+        return self.size + self.pending_bytes
 
     def append(self, record):
         self.pending.append(record)
+        self.pending_bytes += len(record)
 
     def write(self):
         """Write everything buffered with one os.write (looping only on a short write).
 
         A failed write is fatal (see fatal_io_error): the in-memory queue would no longer
         match the file, and records appended after a half-written one would be cut off
-        at the next replay."""
+        at the next replay.  What it did write is cut off first, so nothing of the batch
+        (whose replies were never sent) comes back after the restart."""
         if not self.pending:
             return
         data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
         self.pending.clear()
+        self.pending_bytes = 0
         try:
             _write_all(self.fd, data)
         except OSError as exc:
+            try:                # a half-written batch is not left behind (no duplicates)
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass            # the restart cuts it as a torn tail
             fatal_io_error("journal write to %s" % self.path, exc)
         self.size += len(data)
         self.dirty = True
@@ -252,66 +187,79 @@ class Journal:
         if fd is not None:
             os.fsync(fd)
 
-    def truncate(self):
+    def reader(self):
+        """A read-only descriptor of the current file (for reading items back)."""
+        if self.read_fd is None:
+            self.read_fd = os.open(self.path, os.O_RDONLY)
+        return self.read_fd
+
+    def read(self, at, n):
+        """Up to `n` bytes of the file at offset `at` (plain blocking pread)."""
+        return os.pread(self.reader(), n, at)
+
+    def truncate(self, close_fd):
         """Drop the whole file's content (the queue holds nothing, no reads are open)."""
         self.pending.clear()
+        self.pending_bytes = 0
         os.ftruncate(self.fd, 0)
         self.size = 0
         self.dirty = True
+        self._stale(close_fd)
 
-    def rewrite(self, records, close_fd):
-        """Replace the file with `records` (temp file, fsync, rename, fsync the dir).
-
-        The old descriptor is handed to `close_fd` because a sync thread may be using it.
-        """
-        self.pending.clear()
-        tmp = self.path + "~~rewrite"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        try:
-            size = _write_records(fd, records)
-            os.fsync(fd)
-            os.rename(tmp, self.path)
-        except BaseException:
-            os.close(fd)
-            raise
-        fsync_dir(os.path.dirname(self.path))
-        old, self.fd, self.size, self.dirty = self.fd, fd, size, False
+    def swap(self, fd, size, close_fd):
+        """Adopt `fd` (a rewritten file already renamed over this path, `size` bytes long);
+        the old descriptors go to `close_fd` because a sync thread may be using them."""
+        old, self.fd, self.size = self.fd, fd, size
+        self.dirty = self.dir_dirty = True
         close_fd(old)
+        self._stale(close_fd)
+
+    def _stale(self, close_fd):
+        self.generation += 1
+        if self.read_fd is not None:
+            close_fd(self.read_fd)
+            self.read_fd = None
 
     def close(self):
         if self.fd is not None:
             self.write()
             os.close(self.fd)
             self.fd = None
+        if self.read_fd is not None:
+            os.close(self.read_fd)
+            self.read_fd = None
 
     def remove(self, close_fd):
-        """Delete the file (queue deleted); the descriptor goes to `close_fd`."""
+        """Delete the file (queue deleted); the descriptors go to `close_fd`."""
         self.pending.clear()
+        self.pending_bytes = 0
         fd, self.fd = self.fd, None
         close_fd(fd)
+        self._stale(close_fd)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
 
-def _write_records(fd, records, chunk_bytes=4 * 1024 * 1024):
-    """Write records in ~4 MiB joins: a big queue is not copied whole a second time."""
-    batch, batch_bytes, total = [], 0, 0
+def join_records(records, chunk_bytes=4 * 1024 * 1024):
+    """Records joined into ~4 MiB pieces: a big queue is not copied whole a second time."""
+    batch, batch_bytes = [], 0
     for record in records:
         batch.append(record)
         batch_bytes += len(record)
         if batch_bytes >= chunk_bytes:
-            _write_all(fd, b"".join(batch))
-            total += batch_bytes
+            yield b"".join(batch)
             batch, batch_bytes = [], 0
     if batch:
-        _write_all(fd, b"".join(batch))
-        total += batch_bytes
-    return total
+        yield b"".join(batch)
 
 
 def _write_all(fd, data):
     # _raw_write is looked up at each call, so tests can stand in a failing write.
     write_all(fd, data, _raw_write)
 
+
+def write_chunk(fd, data):
+    """Write `data` fully to `fd` (a rewrite's temp file); errors propagate."""
+    _write_all(fd, data)

@@ -473,7 +473,8 @@ GLOBAL_STATS = ("uptime", "time", "version", "curr_items", "total_items", "bytes
                 "curr_connections", "total_connections", "cmd_get", "cmd_set", "cmd_peek",
                 "get_hits", "get_misses")
 QUEUE_STATS = ("items", "bytes", "total_items", "logsize", "expired_items", "mem_items",
-               "mem_bytes", "age", "discarded", "waiters", "open_transactions")
+               "mem_bytes", "age", "discarded", "waiters", "open_transactions",
+               "journal_rewrites", "lost_items")
 
 
 def test_stats_fields_and_values(tmp_path):
@@ -506,11 +507,12 @@ def test_stats_fields_and_values(tmp_path):
             if lines[-1] == b"END":
                 break
         assert lines[0] == b"queue 's1' {"
-        assert [line.split(b"=")[0] for line in lines[1:12]] == \
+        n = len(QUEUE_STATS)
+        assert [line.split(b"=")[0] for line in lines[1:n + 1]] == \
             [b"  " + k.encode() for k in QUEUE_STATS]
         assert lines[1:4] == [b"  items=1", b"  bytes=3", b"  total_items=2"]
-        assert lines[12] == b"}"
-        assert lines[13:] == [b"queue 's2' {"] + lines[14:25] + [b"}", b"END"]
+        assert lines[n + 1] == b"}"
+        assert lines[n + 2:] == [b"queue 's2' {"] + lines[n + 3:2 * n + 3] + [b"}", b"END"]
         w.send(b"dump_stats s2\r\n")
         assert w.line() == b"queue 's2' {"
     finally:
