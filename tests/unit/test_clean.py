@@ -437,3 +437,46 @@ def test_limits_cover_update_keys_beside_the_operation():
     record = {"$token": "t", "$distinct_id": "d", "$set": {"a": 1}, "$ip": "1" * 101}
     assert rejected(clean.clean_engage, record, ctx(max_string=100, data_chars=10 ** 6))[:2] \
         == ("string_too_long", "$ip")
+
+
+# ---- the /track fast path is only fast ---------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ingest.clean import _clean_event_checked, clean_event  # noqa: E402
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 16, 10 ** 16),
+                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5),
+                    st.sampled_from([1795662710, 1795662710123, 1795000000.5, 10 ** 15,
+                                     -1, "1795662710", True]))
+_value = st.recursive(_scalar, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=8)
+# Mostly valid events (so the fast path is taken), with every kind of damage mixed in.
+_props = st.one_of(
+    st.fixed_dictionaries({"token": st.one_of(st.just("tok"), _scalar)},
+                          optional={"time": _value, "ip": _value, "distinct_id": _value,
+                                    "a": _value, "b": _value}),
+    st.dictionaries(st.sampled_from(["token", "time", "ip", "a"]), _value, max_size=5))
+_records = st.one_of(_value, st.fixed_dictionaries(
+    {"event": st.one_of(st.just("Signed Up"), _scalar), "properties": st.one_of(_props, _scalar)},
+    optional={"extra": _value}))
+
+
+def _outcome(fn, record, ctx):
+    import copy
+    record = copy.deepcopy(record)
+    try:
+        return "ok", fn(record, ctx), record
+    except RecordRejected as exc:
+        return "rejected", (exc.reason, exc.field, exc.message), record
+
+
+@settings(max_examples=400, deadline=None)
+@given(_records, st.sampled_from([None, "203.0.113.9"]), st.integers(1, 300))
+def test_the_track_fast_path_cleans_as_the_full_checks_do(record, ip, max_string):
+    ctx = Context(1795662710.123456, ip, max_properties=4, max_depth=2, max_string=max_string,
+                  data_chars=200)
+    assert _outcome(clean_event, record, ctx) == \
+        _outcome(lambda r, c: _clean_event_checked(r, c, False), record, ctx)
