@@ -139,12 +139,16 @@ def decode_data(value):
 
 
 def decode_records(value):
-    """The `data` parameter -> (list of raw records, plain: see loads_checked)."""
+    """The `data` parameter -> (list of raw records, plain: see loads_checked, brackets).
+
+    `brackets`: how many `{` and `[` the JSON text holds, counted at C speed (see
+    clean.nesting_bound; brackets inside strings only make it larger)."""
     first = _FIRST_CHAR.match(value) if value is not None else None
     if first is None:
         raise IngestError("missing_data")
     # PERF: a regex finds the first non-space character without copying a 10 MB value.
     if first.group(1) in "{[":
+        text = value
         parsed, plain = loads_checked(value)
     else:
         decoded = b64decode(value)
@@ -154,7 +158,7 @@ def decode_records(value):
             raise IngestError("invalid_utf8") from None
         parsed, plain = loads_checked(text)
     if isinstance(parsed, dict):
-        return [parsed], plain
-    if isinstance(parsed, list):
-        return parsed, plain
-    raise IngestError("invalid_data")
+        parsed = [parsed]
+    elif not isinstance(parsed, list):
+        raise IngestError("invalid_data")
+    return parsed, plain, text.count("{") + text.count("[")

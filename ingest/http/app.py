@@ -214,7 +214,7 @@ class App:
         data_chars = len(data) if data else 0
         if data_chars > PAUSE_EVERY_RECORDS * 1000:
             self.pause()
-        records, plain = decode.decode_records(data)
+        records, plain, brackets = decode.decode_records(data)
         del data
         limit = self.settings.max_records
         if len(records) > limit:
@@ -222,8 +222,9 @@ class App:
         now = self.clock()
         ip = self.client_ip(environ) if params.get("ip") in request.TRUE else None
         s = self.settings
+        nesting = cleaning.nesting_bound(records, brackets) if endpoint == "track" else None
         ctx = cleaning.Context(now, ip, s.max_properties, s.max_depth, s.max_string_chars,
-                               data_chars)
+                               data_chars, nesting)
         pairs, rejected, accepted = self.route_all(endpoint, records, ctx, table, secret, now,
                                                    plain)
         environ["ingest.accepted"] = accepted

@@ -480,3 +480,30 @@ def test_the_track_fast_path_cleans_as_the_full_checks_do(record, ip, max_string
                   data_chars=200)
     assert _outcome(clean_event, record, ctx) == \
         _outcome(lambda r, c: _clean_event_checked(r, c, False), record, ctx)
+
+
+@pytest.mark.parametrize("fillers", [0, 1, 30])
+def test_a_deep_event_is_refused_whatever_records_surround_it(fillers):
+    """The depth checks are skipped only when the request's brackets prove every event
+    shallow (clean.nesting_bound): records without brackets cannot hide a deep one."""
+    deep = {"a": 1}
+    for _ in range(21):                       # max_depth is 20 below properties
+        deep = {"d": deep}
+    events = [1] * fillers + [{"event": "e", "properties": {"token": "t", "x": deep}}]
+    events += [{"event": "e", "properties": {"token": "t"}}]
+    app, sink = make()
+    r = call(app, "POST", "/track", "verbose=1",
+             form(data=json.dumps(events, separators=(",", ":"))),
+             "application/x-www-form-urlencoded")
+    body = json.loads(r.body)
+    assert body["status"] == 1
+    if not fillers:
+        assert "nested deeper than 20 levels" in body["error"]
+    assert [json.loads(p)["properties"].get("x") for _, p in sink.items] == [None]
+
+
+def test_nesting_bound_counts_two_brackets_per_event_only():
+    events = [{"event": "e", "properties": {"t": 1}}, 1, {"event": "e", "properties": 2}]
+    text = json.dumps(events)
+    bound = clean.nesting_bound(events, text.count("{") + text.count("["))
+    assert bound == 4 - 2          # 3 braces and the array's bracket, one shaped event
