@@ -91,7 +91,7 @@ def _plain_float(text):
 # fast path only: it refuses everything simplejson refuses (NaN, Infinity, trailing
 # garbage, control characters, >4,300-digit integers) and more (lone surrogates, a BOM,
 # very deep nesting, the floats _plain_float refuses), and where it accepts a text it
-# builds the same values (tests/unit/test_json_paths.py compares both on generated and
+# builds the same values (tests/unit/test_fast_paths.py compares both on generated and
 # hostile texts).  Whatever it refuses, simplejson decides, so errors and the values of
 # the texts only simplejson accepts are exactly what they were.
 _FAST_DECODER = msgspec.json.Decoder(float_hook=_plain_float)
@@ -124,11 +124,16 @@ def strict_loads(text):
 
 def b64decode(value):
     """Standard or URL-safe base64, padded or not, with spaces read as `+` (Node's bodies)."""
-    raw = value.strip().encode("ascii", "replace").translate(_URLSAFE)
-    raw = raw.rstrip(b"=")
-    raw += b"=" * (-len(raw) % 4)
+    raw = value.strip().encode("ascii", "replace")
+    # PERF: each step copies the value (14 KB for a 50-event batch); skip the ones that
+    # would change nothing: no URL-safe or space characters, padding already right.
+    if b"-" in raw or b"_" in raw or b" " in raw:
+        raw = raw.translate(_URLSAFE)
+    if raw[-1:] == b"=" or len(raw) % 4:
+        raw = raw.rstrip(b"=")
+        raw += b"=" * (-len(raw) % 4)
     try:
-        return base64.b64decode(raw, validate=True)
+        return binascii.a2b_base64(raw, strict_mode=True)
     except (binascii.Error, ValueError):
         raise IngestError("invalid_base64") from None
 
