@@ -7,7 +7,6 @@ an array.  The Node SDK posts base64 without percent-encoding, so its `+` arrive
 space after form decoding: spaces are turned back into `+` only on the base64 path, never
 inside raw JSON.  Every failure raises IngestError with a stable reason.
 """
-import base64
 import binascii
 import re
 from urllib.parse import unquote_plus
