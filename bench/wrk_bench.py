@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from testkit.procs import (LOOPBACK, Proc, QueueServer, Worker, cpu_seconds, free_port,
-                           pinned)
+                           pinned, rss_kib)
 
 SERVER_CPU, LOAD_CPU = 0, 1
 TOKEN = "wrk-bench"
@@ -95,7 +95,17 @@ def measure(pid, port, shape, args, workdir):
     result["rps"] = result["requests"] / result["seconds"]
     result["events_per_s"] = result["rps"] * events
     result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
+    result["rss_mib"] = rss_kib(pid) / 1024.0
+    result["peak_rss_mib"] = peak_rss_kib(pid) / 1024.0
     return result
+
+
+def peak_rss_kib(pid):
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
 
 
 def start_hello(workdir):
@@ -130,9 +140,10 @@ def one_round(shape, args, workdir, queue):
 
 def report_line(label, r):
     return ("%-6s %8.0f req/s %9.0f events/s  %6.1f us CPU/request  p50 %6.2f ms  p99 %6.2f ms"
-            "  non-2xx %d %s" % (label, r["rps"], r["events_per_s"], r["cpu_us_per_request"],
-                                 r["p50_ms"] or 0, r["p99_ms"] or 0, r["non_2xx"],
-                                 r["socket_errors"]))
+            "  RSS %.0f MiB (peak %.0f)  non-2xx %d %s"
+            % (label, r["rps"], r["events_per_s"], r["cpu_us_per_request"], r["p50_ms"] or 0,
+               r["p99_ms"] or 0, r["rss_mib"], r["peak_rss_mib"], r["non_2xx"],
+               r["socket_errors"]))
 
 
 def profile_round(shape, args, workdir, queue):

@@ -45,7 +45,7 @@ from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.kestrel import KestrelSink
 from ingest.sinks.spool import Spool
 from ingest.sinks.spool_log import SpoolNotices
-from ingest.wsgi_server import Dated, GreenLatch, IngestProtocol, PatientListener
+from ingest.wsgi_server import GreenLatch, IngestProtocol, PatientListener
 
 log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.
@@ -213,7 +213,7 @@ def _serve(settings):
     sock = PatientListener(listen(settings), state)
     flags = watch_signals()
     server = eventlet.spawn(
-        eventlet.wsgi.server, sock, Dated(app), log=logging.getLogger("ingest.wsgi"),
+        eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
         protocol=IngestProtocol, environ={"ingest.body_timeout_s": settings.body_timeout_s},
         log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
         url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,

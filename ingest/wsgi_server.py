@@ -14,7 +14,6 @@ import errno
 import logging
 import resource
 import time
-from urllib.parse import unquote
 
 import eventlet
 import eventlet.event
@@ -23,6 +22,7 @@ import eventlet.wsgi
 from ingest import errors
 from ingest.http.answers import json_body
 from ingest.http.headers import parse_plain
+from ingest.wsgi_exchange import _Replay, build_environ, respond
 
 log = logging.getLogger("ingest.worker")
 
@@ -175,111 +175,15 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
     def close_after_answer(self):
         self.close_connection = 1
 
+    def handle_one_response(self):
+        """The app's answer, written by wsgi_exchange.respond (eventlet's own method when
+        access logging through eventlet is on)."""
+        if self.server.log_output:
+            return super().handle_one_response()
+        return respond(self)
+
 
 _FAST_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
-
-
-class Dated:
-    """The WSGI app with a Date header added to every answer, formatted once a second.
-
-    PERF: eventlet formats the Date header itself for every answer that has none
-    (time.gmtime and a %-format, ~2 us); the header value changes once a second."""
-
-    def __init__(self, app, clock=time.time):
-        self.app = app
-        self.state = app.state
-        self.clock = clock
-        self._second = None
-        self._date = None
-
-    def date(self):
-        second = int(self.clock())
-        if second != self._second:
-            self._date = eventlet.wsgi.format_date_time(second)
-            self._second = second
-        return self._date
-
-    def __call__(self, environ, start_response):
-        def start(status, headers, exc_info=None):
-            headers.append(("Date", self.date()))
-            return start_response(status, headers, exc_info)
-        return self.app(environ, start)
-
-
-class _Replay:
-    """A header reader that gives back lines already read before reading on."""
-
-    def __init__(self, lines, fp):
-        self.lines = list(lines)
-        self.fp = fp
-
-    def readline(self, size=-1):
-        if self.lines:
-            return self.lines.pop(0)
-        return self.fp.readline(size)
-
-
-def build_environ(protocol):
-    """The WSGI environ eventlet.wsgi.HttpProtocol.get_environ builds (eventlet 0.41), with
-    what cannot change during a connection computed once per connection.
-
-    PERF: eventlet asks the kernel for the socket's own address (getsockname) and builds
-    the server's part of the environ again for every request; both are per connection.
-    tests/unit/test_wsgi_environ.py checks this against eventlet's own method."""
-    base = protocol.__dict__.get("_environ_base")
-    if base is None:
-        base = protocol.server.get_environ()
-        server_host, server_port = eventlet.wsgi.addr_to_host_port(
-            protocol.request.getsockname())
-        client_host, client_port = eventlet.wsgi.addr_to_host_port(protocol.client_address)
-        base.update(SCRIPT_NAME="", SERVER_PROTOCOL="HTTP/1.0", SERVER_NAME=server_host,
-                    SERVER_PORT=str(server_port), REMOTE_ADDR=client_host,
-                    REMOTE_PORT=str(client_port), GATEWAY_INTERFACE="CGI/1.1")
-        protocol._environ_base = base
-    env = dict(base)
-    env["REQUEST_METHOD"] = protocol.command
-    path, sep, query = protocol.path.partition("?")
-    env["RAW_PATH_INFO"] = path
-    env["PATH_INFO"] = unquote(path, encoding="latin1") if "%" in path else path
-    if sep:
-        env["QUERY_STRING"] = query
-    headers = protocol.headers
-    content_type = headers.get("content-type")
-    env["CONTENT_TYPE"] = headers.get_content_type() if content_type is None else content_type
-    length = headers.get("content-length")
-    if length:
-        env["CONTENT_LENGTH"] = length
-    env["headers_raw"] = raw = tuple((k, v.strip(" \t\n\r")) for k, v in headers._headers)
-    for name, value in raw:
-        if "_" in name:
-            continue          # eventlet drops names with underscores (never HTTP_ confusion)
-        key = name.replace("-", "_").upper()
-        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            continue
-        key = "HTTP_" + key
-        env[key] = env[key] + "," + value if key in env else value
-    _add_input(protocol, env, length)
-    return env
-
-
-def _add_input(protocol, env, length):
-    """wsgi.input (eventlet's Input, with 100-continue and chunked bodies) and the rest of
-    eventlet's per-request keys."""
-    if env.get("HTTP_EXPECT", "").lower() == "100-continue":
-        wfile, wfile_line = protocol.wfile, b"HTTP/1.1 100 Continue\r\n"
-    else:
-        wfile = wfile_line = None
-    chunked = env.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
-    if not chunked and length is None:
-        length = "0"          # RFC 9112 6.3: no length and not chunked means no body
-    env["wsgi.input"] = env["eventlet.input"] = eventlet.wsgi.Input(
-        protocol.rfile, length, protocol.connection, wfile=wfile, wfile_line=wfile_line,
-        chunked_input=chunked)
-    env["eventlet.posthooks"] = []
-
-    def set_idle():
-        protocol.conn_state[2] = eventlet.wsgi.STATE_IDLE
-    env["eventlet.set_idle"] = set_idle
 
 
 class DeadlineInput:

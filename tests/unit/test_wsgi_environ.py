@@ -13,7 +13,8 @@ with warnings.catch_warnings():
     import eventlet.wsgi
 
 from ingest.http.headers import parse_plain
-from ingest.wsgi_server import IngestProtocol, build_environ
+from ingest.wsgi_exchange import build_environ
+from ingest.wsgi_server import IngestProtocol
 
 
 class FakeSocket:
