@@ -242,7 +242,9 @@ class App:
         came from decode's fast path (see encode.encode_record)."""
         clean = self.cleaners[endpoint]
         max_record_bytes = self.settings.max_record_bytes
+        route = table.route
         pairs, rejected, accepted = [], [], 0
+        append = pairs.append
         pause = self.pause if len(records) > PAUSE_EVERY_RECORDS else None
         for i, record in enumerate(records):
             if pause is not None and i % PAUSE_EVERY_RECORDS == 0:
@@ -251,9 +253,9 @@ class App:
                 token = clean(record, ctx)
                 if secret is not None and table.secret(token) != secret:
                     raise RecordRejected("forbidden_token", "properties.token")
-                queue = table.route(endpoint, token, now)
+                queue = route(endpoint, token, now)
                 if queue is not BLOCKED:
-                    pairs.append((queue, encode_record(record, max_record_bytes, plain)))
+                    append((queue, encode_record(record, max_record_bytes, plain)))
                 accepted += 1
             except RecordRejected as exc:
                 rejected.append((i, exc))
