@@ -8,6 +8,7 @@ space after form decoding: spaces are turned back into `+` only on the base64 pa
 inside raw JSON.  Every failure raises IngestError with a stable reason.
 """
 import binascii
+import codecs
 import re
 from urllib.parse import unquote_plus
 
@@ -32,8 +33,25 @@ def parse_pairs(text, into):
         name, sep, value = part.partition("=")
         if name in CONTROL_PARAMS:
             # PERF: only known names are unquoted; cache busters like `_=` are skipped.
-            into[name] = unquote_plus(value) if ("%" in value or "+" in value) else value
+            into[name] = unquote_form(value) if ("%" in value or "+" in value) else value
     return into
+
+
+def unquote_form(value):
+    """urllib's unquote_plus, at C speed for ASCII values.
+
+    PERF: unquote_plus handles each %XX escape in Python: 123 us for six events of raw
+    JSON as the Python SDK form-encodes them (522 escapes), 14 us this way.  `%` becomes
+    `\\x` (literal backslashes doubled first) and codecs.escape_decode does the rest; a
+    value it refuses (an escape that is not two hex digits) or that is not ASCII goes to
+    urllib, so every value reads as before (tests/unit/test_fast_paths.py)."""
+    if not value.isascii():
+        return unquote_plus(value)
+    raw = value.replace("+", " ").replace("\\", "\\\\").replace("%", "\\x").encode("ascii")
+    try:
+        return codecs.escape_decode(raw)[0].decode("utf-8", "replace")
+    except ValueError:
+        return unquote_plus(value)
 
 
 def read_params(query_string, content_type, body):

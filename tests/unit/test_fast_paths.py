@@ -139,3 +139,13 @@ def reference_b64decode(value):
 @given(st.text(alphabet="AQgw+/-_= \t\n%é", max_size=14))
 def test_b64decode_is_the_reference(value):
     assert outcome(decode.b64decode, value) == reference_b64decode(value)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(["a", "+", " ", "%2B", "%2b", "%7B", "%22", "%3A", "%20", "%",
+                                 "%2", "%zz", "%4G", "%C3%A9", "%C3", "%FF", "%00", "\\", "\\x41",
+                                 "\\n", "é", "=", "&", "x"]), max_size=30))
+def test_unquote_form_is_unquote_plus(parts):
+    from urllib.parse import unquote_plus
+    text = "".join(parts)
+    assert decode.unquote_form(text) == unquote_plus(text)
