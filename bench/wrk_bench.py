@@ -16,6 +16,17 @@ With --profile, the worker also runs under cProfile for one extra round of the f
 shape and the top functions by own time are printed (and written to DIR/profile.txt):
 where the next person should look.
 
+Further modes (each reported after the ratios):
+
+    --open-loop   latency at 75% of each shape's measured capacity, open loop
+                  (bench.replay --rate; closed-loop p99 at 100 connections is only
+                  connections / throughput)
+    --soak N      worker RSS after N events of batch50, and after --wide connections
+                  (default 1000) of batch50 at once
+    --nginx       the production tree (two workers, nginx, the queue; supervisord from
+                  a temporary directory) through nginx and directly to one worker slot:
+                  nothing pinned, so all of it shares the 2 cores with wrk
+
 It needs wrk (Debian package `wrk`); it only talks to 127.0.0.1 and stops every process
 it started by pid.
 """
@@ -161,6 +172,96 @@ def profile_round(shape, args, workdir, queue):
     return text.getvalue()
 
 
+def open_loop(shape, capacity, args, workdir, queue):
+    """p50/p99 at 75% of `capacity` requests/s, open loop (bench.replay --rate)."""
+    log = os.path.join(workdir, "%s.log" % shape)
+    only, batch = {"single": ("node_get_track", 1), "batch50": ("browser_batch_track", 50)}[shape]
+    subprocess.run([sys.executable, "-m", "bench.make_log", "--requests", "3000", "--only", only,
+                    "--batch-size", str(batch), "--out", log], check=True, capture_output=True)
+    worker = start_worker(workdir, queue)
+    out = os.path.join(workdir, "open-%s" % shape)
+    rate = 0.75 * capacity
+    try:
+        subprocess.run(pinned(LOAD_CPU, [
+            sys.executable, "-m", "bench.replay", "--log", log, "--url", "http://%s:%d" % (
+                LOOPBACK, worker.port), "--rate", "%.0f" % rate, "--duration", str(args.duration),
+            "--processes", "1", "--concurrency", "200", "--out", out, "--max-rejected", "100"]),
+            capture_output=True, timeout=args.duration + 120)
+    finally:
+        worker.proc.stop()
+    with open(os.path.join(out, "report.json")) as fh:
+        report = json.load(fh)
+    target = report.get("target") or report
+    lat = target.get("latency_ms") or {}
+    return {"rate": rate, "achieved": target.get("ok_rps"), "p50_ms": lat.get("p50"),
+            "p99_ms": lat.get("p99")}
+
+
+def soak(args, workdir, queue):
+    """Worker RSS after args.soak events of batch50, then after args.wide connections."""
+    worker = start_worker(workdir, queue)
+    try:
+        path, script, events = shape_request("batch50")
+        sent = 0
+        while sent < args.soak:
+            r = run_wrk(worker.port, path, script, 10, 100, workdir)
+            sent += r["requests"] * events
+        steady = rss_kib(worker.proc.pid) / 1024.0
+        wide = run_wrk(worker.port, path, script, 10, args.wide, workdir)
+        after = rss_kib(worker.proc.pid) / 1024.0
+        peak = peak_rss_kib(worker.proc.pid) / 1024.0
+        time.sleep(3.0)     # a measurement interval: what an idle worker gives back
+        settled = rss_kib(worker.proc.pid) / 1024.0
+    finally:
+        worker.proc.stop()
+    return {"events": sent, "rss_after_events_mib": steady, "wide_connections": args.wide,
+            "wide_rps": wide["requests"] / wide["seconds"], "wide_non_2xx": wide["non_2xx"],
+            "rss_after_wide_mib": after, "rss_3s_later_mib": settled, "peak_rss_mib": peak}
+
+
+def through_nginx(args, workdir):
+    """events/s and p99 through nginx in front of two workers, and directly to one."""
+    from testkit.tree import Tree
+    tree = Tree(os.path.join(workdir, "tree"), workers=2).start()
+    out = {}
+    try:
+        for shape in args.shapes.split(","):
+            path, script, events = shape_request(shape)
+            for where, port in (("nginx", tree.http_port), ("direct", tree.worker_port(0))):
+                run_wrk(port, path, script, 1, args.connections, workdir)
+                r = run_wrk(port, path, script, args.duration, args.connections, workdir)
+                r["events_per_s"] = r["requests"] / r["seconds"] * events
+                out["%s/%s" % (shape, where)] = r
+    finally:
+        tree.stop()
+        tree.cleanup()
+    return out
+
+
+def extra_modes(args, workdir, queue, summary):
+    if args.open_loop:
+        for shape in args.shapes.split(","):
+            capacity = statistics.median(r["worker"]["rps"] for r in summary[shape]["rounds"])
+            result = open_loop(shape, capacity, args, workdir, queue)
+            summary[shape]["open_loop"] = result
+            print("%s open loop at %.0f req/s (75%% of %.0f): achieved %s, p50 %s ms, p99 %s ms"
+                  % (shape, result["rate"], capacity, result["achieved"], result["p50_ms"],
+                     result["p99_ms"]))
+    if args.soak:
+        summary["soak"] = r = soak(args, workdir, queue)
+        print("soak: RSS %.1f MiB after %d events; %.1f MiB after %d connections (%.0f req/s,"
+              " non-2xx %d), %.1f MiB 3 s later; peak %.1f MiB"
+              % (r["rss_after_events_mib"], r["events"], r["rss_after_wide_mib"],
+                 r["wide_connections"], r["wide_rps"], r["wide_non_2xx"], r["rss_3s_later_mib"],
+                 r["peak_rss_mib"]))
+    if args.nginx:
+        summary["nginx"] = result = through_nginx(args, workdir)
+        for name, r in result.items():
+            print("%-16s %8.0f req/s %9.0f events/s  p50 %6.2f ms  p99 %6.2f ms  non-2xx %d"
+                  % (name, r["requests"] / r["seconds"], r["events_per_s"], r["p50_ms"] or 0,
+                     r["p99_ms"] or 0, r["non_2xx"]))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.wrk_bench",
                                 description=__doc__.splitlines()[0])
@@ -170,6 +271,12 @@ def main(argv=None):
     p.add_argument("--connections", type=int, default=100)
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--open-loop", action="store_true")
+    p.add_argument("--soak", type=int, default=0, help="events of batch50 before the RSS reading")
+    p.add_argument("--wide", type=int, default=1000, help="connections for the wide RSS reading")
+    p.add_argument("--nginx", action="store_true")
+    p.add_argument("--skip-ratios", action="store_true",
+                   help="only the extra modes (--open-loop needs the ratios)")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk_bench: wrk is not installed (apt-get install wrk)")
@@ -178,7 +285,7 @@ def main(argv=None):
     queue = QueueServer(workdir, sync_ms=100, cpu=LOAD_CPU, quiet=True).start()
     summary = {}
     try:
-        for shape in args.shapes.split(","):
+        for shape in ([] if args.skip_ratios else args.shapes.split(",")):
             ratios, cpu_ratios, rows = [], [], []
             for n in range(args.rounds):
                 base, target = one_round(shape, args, workdir, queue)
@@ -197,6 +304,7 @@ def main(argv=None):
             print("%s: median ratio worker/hello %.3f (CPU %.3f) over %d rounds"
                   % (shape, summary[shape]["median_ratio"], summary[shape]["median_cpu_ratio"],
                      args.rounds))
+        extra_modes(args, workdir, queue, summary)
         if args.profile:
             text = profile_round(args.shapes.split(",")[0], args, workdir, queue)
             with open(os.path.join(workdir, "profile.txt"), "w") as fh:

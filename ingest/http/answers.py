@@ -126,14 +126,19 @@ def result(answer, status, error):
     return 200, body, ctype
 
 
-def strict_result(accepted, rejected, records):
-    """/import strict=1: 200 with the count, or 400 listing every failed record."""
+def insert_id_of(record):
+    """A record's properties.$insert_id when it is a string, else None."""
+    props = record.get("properties") if isinstance(record, dict) else None
+    insert_id = props.get("$insert_id") if isinstance(props, dict) else None
+    return insert_id if isinstance(insert_id, str) else None
+
+
+def strict_result(accepted, rejected, insert_ids):
+    """/import strict=1: 200 with the count, or 400 listing every failed record.
+    `insert_ids`: index -> $insert_id (or None) of each rejected record."""
     failed = []
     for i, exc in rejected:
-        rec = records[i]
-        props = rec.get("properties") if isinstance(rec, dict) else None
-        insert_id = props.get("$insert_id") if isinstance(props, dict) else None
-        failed.append({"index": i, "$insert_id": insert_id if isinstance(insert_id, str) else None,
+        failed.append({"index": i, "$insert_id": insert_ids.get(i),
                        "field": exc.field, "message": exc.message})
     if not failed:
         return 200, json_body({"code": 200, "num_records_imported": accepted, "status": "OK"}), JSON
@@ -142,10 +147,10 @@ def strict_result(accepted, rejected, records):
                            "failed_records": failed}), JSON
 
 
-def processed(answer, accepted, rejected, records):
+def processed(answer, accepted, rejected, insert_ids):
     """(code, body, content type) for a request whose records were processed."""
     if answer.strict:
-        return strict_result(accepted, rejected, records)
+        return strict_result(accepted, rejected, insert_ids)
     error = None
     if rejected:
         i, exc = rejected[0]
