@@ -173,28 +173,35 @@ def profile_round(shape, args, workdir, queue):
 
 
 def open_loop(shape, capacity, args, workdir, queue):
-    """p50/p99 at 75% of `capacity` requests/s, open loop (bench.replay --rate)."""
+    """p50/p99 at 75% of `capacity` requests/s, open loop (bench.replay --rate), for the
+    worker and, at the same rate, the hello-world: what the load generator itself adds."""
     log = os.path.join(workdir, "%s.log" % shape)
     only, batch = {"single": ("node_get_track", 1), "batch50": ("browser_batch_track", 50)}[shape]
     subprocess.run([sys.executable, "-m", "bench.make_log", "--requests", "3000", "--only", only,
                     "--batch-size", str(batch), "--out", log], check=True, capture_output=True)
-    worker = start_worker(workdir, queue)
-    out = os.path.join(workdir, "open-%s" % shape)
     rate = 0.75 * capacity
-    try:
-        subprocess.run(pinned(LOAD_CPU, [
-            sys.executable, "-m", "bench.replay", "--log", log, "--url", "http://%s:%d" % (
-                LOOPBACK, worker.port), "--rate", "%.0f" % rate, "--duration", str(args.duration),
-            "--processes", "1", "--concurrency", "200", "--out", out, "--max-rejected", "100"]),
-            capture_output=True, timeout=args.duration + 120)
-    finally:
-        worker.proc.stop()
-    with open(os.path.join(out, "report.json")) as fh:
-        report = json.load(fh)
-    target = report.get("target") or report
-    lat = target.get("latency_ms") or {}
-    return {"rate": rate, "achieved": target.get("ok_rps"), "p50_ms": lat.get("p50"),
-            "p99_ms": lat.get("p99")}
+    out = {"rate": rate}
+    for name in ("hello", "worker"):
+        if name == "hello":
+            proc, port = start_hello(workdir)
+        else:
+            worker = start_worker(workdir, queue)
+            proc, port = worker.proc, worker.port
+        report_dir = os.path.join(workdir, "open-%s-%s" % (shape, name))
+        try:
+            subprocess.run(pinned(LOAD_CPU, [
+                sys.executable, "-m", "bench.replay", "--log", log, "--url",
+                "http://%s:%d" % (LOOPBACK, port), "--rate", "%.0f" % rate, "--duration",
+                str(args.duration), "--processes", "1", "--concurrency", "200", "--out",
+                report_dir, "--max-rejected", "100"]), capture_output=True,
+                timeout=args.duration + 120)
+        finally:
+            proc.stop()
+        with open(os.path.join(report_dir, "report.json")) as fh:
+            report = json.load(fh)
+        out[name] = {"achieved": report.get("ok_rps"), "p50_ms": report["latency_ms"]["p50"],
+                     "p99_ms": report["latency_ms"]["p99"]}
+    return out
 
 
 def soak(args, workdir, queue):
@@ -244,9 +251,11 @@ def extra_modes(args, workdir, queue, summary):
             capacity = statistics.median(r["worker"]["rps"] for r in summary[shape]["rounds"])
             result = open_loop(shape, capacity, args, workdir, queue)
             summary[shape]["open_loop"] = result
-            print("%s open loop at %.0f req/s (75%% of %.0f): achieved %s, p50 %s ms, p99 %s ms"
-                  % (shape, result["rate"], capacity, result["achieved"], result["p50_ms"],
-                     result["p99_ms"]))
+            for name in ("hello", "worker"):
+                r = result[name]
+                print("%s open loop at %.0f req/s (75%% of %.0f), %s: achieved %s, p50 %s ms,"
+                      " p99 %s ms" % (shape, result["rate"], capacity, name, r["achieved"],
+                                      r["p50_ms"], r["p99_ms"]))
     if args.soak:
         summary["soak"] = r = soak(args, workdir, queue)
         print("soak: RSS %.1f MiB after %d events; %.1f MiB after %d connections (%.0f req/s,"
