@@ -47,9 +47,12 @@ def build_parser():
                    help="read over N connections at once: faster, items in no particular "
                         "order (default 1: queue order)")
 
-    s = sub.add_parser("stats", help="queue depths, totals and rates per server")
+    s = sub.add_parser("stats", help="every server: whether it answers, queue depths, totals"
+                                     " and rates; exit 0 all answer, 3 some, 1 none")
     _add_kestrel(s)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout-ms", type=_positive, default=1000,
+                   help="how long each server may take to connect, and to answer")
 
     sp = sub.add_parser("spool", help="local spool tools")
     spsub = sp.add_subparsers(dest="spool_command", required=True)
@@ -122,7 +125,8 @@ def main(argv=None):
                                connections=args.connections)
     if args.command == "stats":
         from ingest.commands import stats
-        return stats.stats(kestrel_servers(args.kestrel), as_json=args.json)
+        return stats.stats(kestrel_servers(args.kestrel), as_json=args.json,
+                           timeout_ms=args.timeout_ms)
     if args.command == "spool":
         configure_logging()
         from ingest.commands import spool_forward
