@@ -2,6 +2,7 @@
 
     ingest serve          one HTTP worker (ingest/worker.py)
     ingest queue          the bundled Kestrel-compatible queue server (ingest/queue/)
+    ingest queue export   move a queue data directory's items into a cluster
     ingest consume QUEUE  reliable-read items, one JSON line each
     ingest stats          queue depths, totals and rates per server
     ingest spool forward  empty a spool directory into Kestrel
@@ -33,8 +34,17 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     config.WORKER.add_arguments(sub.add_parser(
         "serve", help="run one HTTP ingestion worker (eventlet raw WSGI)"))
-    config.QUEUE.add_arguments(sub.add_parser(
-        "queue", help="run the bundled Kestrel-compatible queue server"))
+    q = sub.add_parser("queue", help="run the bundled Kestrel-compatible queue server")
+    config.QUEUE.add_arguments(q)
+    ex = q.add_subparsers(dest="queue_command", metavar="export").add_parser(
+        "export", help="move every item of a queue server's data directory (a lost host's"
+                       " disk) into a cluster")
+    ex.add_argument("--data", required=True, help="the data directory (a copy of it)")
+    ex.add_argument("--kestrel", required=True, help="the cluster, host:port[,host:port...]")
+    ex.add_argument("--connections", type=_positive, default=32,
+                    help="reads open at once on the directory's queue server")
+    ex.add_argument("--give-up-s", type=float, default=60.0,
+                    help="stop when no cluster server stored items for this long")
 
     c = sub.add_parser("consume", help="reliable-read items from a queue, one JSON line each")
     c.add_argument("queue")
@@ -112,6 +122,10 @@ def main(argv=None):
         _import_eventlet()
         from ingest import worker
         return worker.serve(settings)
+    if args.command == "queue" and args.queue_command == "export":
+        from ingest.commands import queue_export
+        return queue_export.export(args.data, kestrel_servers(args.kestrel),
+                                   connections=args.connections, give_up_s=args.give_up_s)
     if args.command == "queue":
         settings = config.from_args(config.QUEUE, "queue", args)
         configure_logging()
