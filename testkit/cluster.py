@@ -8,15 +8,22 @@ operator's commands.
     cluster.lb_url, cluster.kestrel      # what clients and consumers are given
     cluster.bed.cut(cluster.queues[0])   # a partition; restore() ends it
     cluster.close()                      # stop everything by pid, delete the namespaces
+    Recorder(cluster, "events").start()  # a consumer of every queue host, in the client
+                                         # host, noting which host each item came from
 
 Every host uses the production ports (queue 22133, worker 8000, load balancer 80): each
 host has its own network stack, so nothing collides with anything else on the machine.
 The test and the benchmark both build on this; it decides nothing about what "lost"
 means.  Everything waits by polling with a deadline.
 """
+import json
 import os
+import threading
+import time
 
 from ingest.kestrel.client import Client
+from ingest.kestrel.consumer import Consumer
+from ingest.kestrel.errors import KestrelUnavailable
 from testkit.netns import Bed
 from testkit.procs import ingest_argv, port_open, wait_until
 
@@ -219,3 +226,49 @@ class Cluster:
             self.bed.stop_processes()
         finally:
             self.bed.close()
+
+
+class Recorder:
+    """Consumes `queue` from every queue host in a thread of the client host and records
+    (insert_id, host, time) for each item, confirming it afterwards."""
+
+    def __init__(self, cluster, queue):
+        self.cluster = cluster
+        self.queue = queue
+        self.items = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self.thread = None
+
+    def start(self):
+        self.thread = self.cluster.client.thread(self._run, name="recorder")
+        return self
+
+    def _run(self):
+        with Consumer(self.cluster.queue_addresses, self.queue, connections=6, wait_ms=200,
+                      connect_timeout_ms=300, timeout_ms=1000, retry_ms=500) as consumer:
+            while not self._stop.is_set():
+                try:
+                    batch = consumer.fetch()
+                except KestrelUnavailable:
+                    self.errors += 1
+                    self._stop.wait(0.1)      # a consumer's back-off: no host answers
+                    continue
+                now = time.monotonic()
+                for item in batch:
+                    iid = json.loads(item.data)["properties"]["$insert_id"]
+                    self.items.append((iid, item.server, now))
+                consumer.confirm(batch)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "the recorder did not stop"
+
+    def count(self, address=None, since=None, until=None):
+        return sum(1 for _iid, server, t in list(self.items)
+                   if (address is None or server == address) and
+                   (since is None or t >= since) and (until is None or t < until))
+
+    def ids(self):
+        return {iid for iid, _server, _t in list(self.items)}

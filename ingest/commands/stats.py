@@ -142,7 +142,10 @@ def format_table(summary, errors=None):
         lines.append("  ".join(cells).rstrip())
     lines.append(summary_line(summary))
     for address in overview(summary)["down"]:
-        lines.append("DOWN %s: %s" % (address, (errors or {}).get(address, "no answer")))
+        why = (errors or {}).get(address, "no answer")
+        if why.startswith(address + ": "):      # the client's errors name the server
+            why = why[len(address) + 2:]
+        lines.append("DOWN %s: %s" % (address, why))
     return "\n".join(lines) + "\n"
 
 

@@ -326,7 +326,7 @@ def test_stats_summary_line_and_exit_code_for_all_and_none():
     assert stats.summary_line({"a:1": None, "b:2": None}) == "2 servers: none answers"
     assert stats.exit_code({"a:1": None, "b:2": None}) == 1
     table = stats.format_table({"a:1": None}, {"a:1": "a:1: connect: timed out"})
-    assert table.splitlines()[-1] == "DOWN a:1: a:1: connect: timed out"
+    assert table.splitlines()[-1] == "DOWN a:1: connect: timed out"
 
 
 # ---- read rounds (server I/O replaced by a script) ------------------------------------------
