@@ -114,6 +114,7 @@ class Child:
         self.popen = None
         self.address = None
         self.log = None
+        self.told = False       # the log's tail was already shown in an error
 
     def start(self, timeout_s=START_TIMEOUT_S):
         for _attempt in range(3):
@@ -129,6 +130,7 @@ class Child:
                 return self
             if self.popen.returncode != 1:   # 1: the port was taken meanwhile; try another
                 break
+        self.told = True
         raise ExportError("the queue server on %s %s:\n%s" % (
             self.directory, self.status("did not start listening in time"), self.tail()))
 
@@ -149,6 +151,16 @@ class Child:
             return running
         return "exited with status %s" % self.popen.returncode
 
+    def warnings(self):
+        """The queue server's own WARNING, ERROR and CRITICAL lines (a damaged journal
+        truncated at replay, a failed write), for the operator; [] when a failure
+        message already quoted them."""
+        if self.log is None or self.told:
+            return []
+        self.log.seek(0)
+        return [line for line in self.log.read().decode("utf-8", "replace").splitlines()
+                if " WARNING " in line or " ERROR " in line or " CRITICAL " in line]
+
     def tail(self, limit=2000):
         if self.log is None:
             return ""
@@ -163,6 +175,7 @@ class Child:
             self.popen.wait(5)
         except subprocess.TimeoutExpired:
             pass
+        self.told = True
         return ExportError("the queue server on %s stopped answering (%s):\n%s"
                            % (self.directory, self.status(), self.tail()))
 
@@ -314,6 +327,9 @@ def export(directory, servers, connections=32, give_up_s=60.0, out=None, err=Non
             mover.close()
         if child is not None:
             child.stop()
+            for line in child.warnings():
+                err.write("ingest queue export: the queue server on the directory said: %s\n"
+                          % line)
 
 
 def _so_far(mover):

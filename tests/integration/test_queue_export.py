@@ -9,6 +9,7 @@ nothing of the directory is lost when the export stops half-way.
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -232,6 +233,36 @@ def test_export_from_a_full_disk_stops_cleanly_and_resumes_when_there_is_room(tm
     landed = drain([queue_server.address], "events")[queue_server.address]
     # The batch whose confirms the dying server never journaled is moved again.
     check_all_there(sent, landed, "full disk (%d moved), then room" % moved, CONNECTIONS)
+
+
+def test_export_of_a_damaged_journal_says_what_the_queue_server_dropped(tmp_path,
+                                                                        queue_server):
+    """A flipped byte half-way through the copy's journal: the queue server keeps the
+    records before it and truncates the rest (of the copy), the export moves what it
+    kept and repeats the server's warning, so the operator knows the original still
+    holds the bytes after the damage."""
+    sent = events(300)
+    original = lost_host(tmp_path, {"events": sent})
+    copy = str(tmp_path / "copy")
+    shutil.copytree(original, copy)
+    journal = os.path.join(copy, "events")
+    with open(journal, "r+b") as fh:
+        fh.seek(os.path.getsize(journal) // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x40]))
+    before = open(os.path.join(original, "events"), "rb").read()
+    done = export(copy, queue_server.address)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ingest queue export: the queue server on the directory said: " in done.stderr, \
+        done.stderr
+    landed = drain([queue_server.address], "events")[queue_server.address]
+    print("\nflipped byte: %d of %d moved; %s" % (len(landed), len(sent), done.stderr.strip()))
+    assert 0 < len(landed) < len(sent)
+    # The records before the damage, each once (read back over several connections,
+    # so not in order).
+    assert collections.Counter(landed) == collections.Counter(sent[:len(landed)])
+    assert open(os.path.join(original, "events"), "rb").read() == before
 
 
 @pytest.mark.parametrize("argv, message", [
