@@ -13,8 +13,11 @@ operator's commands.
 
 Every host uses the production ports (queue 22133, worker 8000, load balancer 80): each
 host has its own network stack, so nothing collides with anything else on the machine.
-The test and the benchmark both build on this; it decides nothing about what "lost"
-means.  Everything waits by polling with a deadline.
+The test and the benchmark both build on this.
+
+What it must not do: decide what "lost" means (the callers compare what was acknowledged
+with what the Recorder read), start anything outside the bed's namespaces, or sleep to
+wait for something: every wait polls with a deadline.
 """
 import json
 import os
