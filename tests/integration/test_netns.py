@@ -14,6 +14,9 @@ from testkit.procs import ROOT, wait_until
 
 SCRIPT = """
 import os, signal, sys, time
+# A shell that started the suite in the background leaves SIGINT ignored, and Python
+# then keeps it so: restore Ctrl-C's behaviour before the test can send it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, %(root)r)
 from testkit import netns
 bed = netns.Bed()
