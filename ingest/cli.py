@@ -2,6 +2,7 @@
 
     ingest serve          one HTTP worker (ingest/worker.py)
     ingest queue          the bundled Kestrel-compatible queue server (ingest/queue/)
+    ingest queue export   move a queue data directory's items into a cluster
     ingest consume QUEUE  reliable-read items, one JSON line each
     ingest stats          queue depths, totals and rates per server
     ingest spool forward  empty a spool directory into Kestrel
@@ -33,8 +34,17 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     config.WORKER.add_arguments(sub.add_parser(
         "serve", help="run one HTTP ingestion worker (eventlet raw WSGI)"))
-    config.QUEUE.add_arguments(sub.add_parser(
-        "queue", help="run the bundled Kestrel-compatible queue server"))
+    q = sub.add_parser("queue", help="run the bundled Kestrel-compatible queue server")
+    config.QUEUE.add_arguments(q)
+    ex = q.add_subparsers(dest="queue_command", metavar="export").add_parser(
+        "export", help="move every item of a queue server's data directory (a lost host's"
+                       " disk) into a cluster")
+    ex.add_argument("--data", required=True, help="the data directory (a copy of it)")
+    ex.add_argument("--kestrel", required=True, help="the cluster, host:port[,host:port...]")
+    ex.add_argument("--connections", type=_positive, default=32,
+                    help="reads open at once on the directory's queue server")
+    ex.add_argument("--give-up-s", type=float, default=60.0,
+                    help="stop when no cluster server stored items for this long")
 
     c = sub.add_parser("consume", help="reliable-read items from a queue, one JSON line each")
     c.add_argument("queue")
@@ -47,9 +57,12 @@ def build_parser():
                    help="read over N connections at once: faster, items in no particular "
                         "order (default 1: queue order)")
 
-    s = sub.add_parser("stats", help="queue depths, totals and rates per server")
+    s = sub.add_parser("stats", help="every server: whether it answers, queue depths, totals"
+                                     " and rates; exit 0 all answer, 3 some, 1 none")
     _add_kestrel(s)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout-ms", type=_positive, default=1000,
+                   help="how long each server may take to connect, and to answer")
 
     sp = sub.add_parser("spool", help="local spool tools")
     spsub = sp.add_subparsers(dest="spool_command", required=True)
@@ -109,6 +122,10 @@ def main(argv=None):
         _import_eventlet()
         from ingest import worker
         return worker.serve(settings)
+    if args.command == "queue" and args.queue_command == "export":
+        from ingest.commands import queue_export
+        return queue_export.export(args.data, kestrel_servers(args.kestrel),
+                                   connections=args.connections, give_up_s=args.give_up_s)
     if args.command == "queue":
         settings = config.from_args(config.QUEUE, "queue", args)
         configure_logging()
@@ -122,7 +139,8 @@ def main(argv=None):
                                connections=args.connections)
     if args.command == "stats":
         from ingest.commands import stats
-        return stats.stats(kestrel_servers(args.kestrel), as_json=args.json)
+        return stats.stats(kestrel_servers(args.kestrel), as_json=args.json,
+                           timeout_ms=args.timeout_ms)
     if args.command == "spool":
         configure_logging()
         from ingest.commands import spool_forward

@@ -70,6 +70,19 @@ def no_proxy_env():
     return env
 
 
+def fill_disk(directory):
+    """Write `directory`/filler until its file system is full; returns the file's path."""
+    path = os.path.join(directory, "filler")
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return path
+
+
 # ---- figures from /proc (Linux) ----------------------------------------------------------
 
 def rss_kib(pid):

@@ -381,14 +381,18 @@ class Client:
         conn.expect_clean()
         return line
 
-    def stats(self):
-        """{address: {"server": {...}, "queues": {name: {...}}} or None when down}."""
+    def stats(self, errors=None):
+        """{address: {"server": {...}, "queues": {name: {...}}} or None when down}.
+
+        `errors`, a dict, receives {address: why} for each server that did not answer."""
         out = {}
         for server in self.cluster.servers:
             try:
                 out[server.address] = parse_stats(self._call(server, self._stat_lines))
-            except KestrelError:
+            except KestrelError as e:
                 out[server.address] = None
+                if errors is not None:
+                    errors[server.address] = str(e)
         return out
 
     def _stat_lines(self, conn):

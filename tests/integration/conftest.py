@@ -1,4 +1,6 @@
 """Fixtures that start real processes on loopback and stop them by pid afterwards."""
+import subprocess
+
 import pytest
 
 from testkit.procs import QueueServer, Worker
@@ -37,3 +39,16 @@ def two_servers(tmp_path):
     yield servers
     for s in servers:
         s.proc.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs (a disk that fills up); skips where mount is not permitted."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                         capture_output=True)
+    if run.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (%s)" % run.stderr.decode().strip())
+    yield str(mnt)
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -25,7 +25,8 @@ import time
 import pytest
 
 from testkit.load import Load, track_body, track_query
-from testkit.procs import QueueServer, Worker, ingest_argv, open_fds, rss_kib, wait_until
+from testkit.procs import (QueueServer, Worker, fill_disk as fill, ingest_argv, open_fds,
+                           rss_kib, wait_until)
 from testkit.rawhttp import closed_by_peer, connect, read_response, request
 
 from .test_no_loss import (FAST, check_no_loss, collect, http_get, procs,  # noqa: F401
@@ -257,32 +258,7 @@ def test_out_of_file_descriptors_the_worker_keeps_serving(tmp_path, procs):
     assert w.proc.alive()
 
 
-# ---- 6. /ready on a full disk ----------------------------------------------------------------
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                         capture_output=True)
-    if run.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (%s)" % run.stderr.decode().strip())
-    yield str(mnt)
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(directory):
-    """Write a file until the file system is full; returns its path."""
-    path = os.path.join(directory, "filler")
-    with open(path, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
-    return path
-
+# ---- 6. /ready on a full disk (small_disk: tests/integration/conftest.py) ------------------
 
 def test_ready_is_503_while_the_spool_disk_is_full_and_kestrel_down(tmp_path, procs, small_disk):
     queue = queue_server(procs, tmp_path)                 # never started: Kestrel is down

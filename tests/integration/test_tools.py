@@ -1,11 +1,12 @@
 """`ingest consume` and `ingest stats` as subprocesses against real `ingest queue` servers."""
 import json
+import signal
 import subprocess
 import time
 
 from ingest.kestrel import Client
 from testkit.payloads import compact_json
-from testkit.procs import ROOT, free_port, ingest_argv
+from testkit.procs import ROOT, QueueServer, free_port, ingest_argv
 from testkit.queues import queue_stats
 
 
@@ -112,12 +113,53 @@ def test_stats_table_and_json(two_servers):
 
 
 def test_stats_down_servers(queue_server):
+    """A server that does not answer is DOWN, named in the summary line with the reason;
+    the exit code tells some (3) from none (1) from all (0)."""
     dead = "127.0.0.1:%d" % free_port()
+    Client([queue_server.address]).add_many("st", records(4))
     done = ingest("stats", "--kestrel", "%s,%s" % (queue_server.address, dead), "--json")
-    assert done.returncode == 0
-    out = json.loads(done.stdout)["servers"]
-    assert out[dead] is None and out[queue_server.address]["up"] is True
+    assert done.returncode == 3, done.stderr
+    out = json.loads(done.stdout)
+    assert out["servers"][dead] is None and out["servers"][queue_server.address]["up"] is True
+    assert out["servers"][queue_server.address]["items"] == 4
+    assert out["summary"] == {"servers": 2, "answering": 1, "down": [dead], "items": 4}
+    assert "refused" in out["errors"][dead], out["errors"]
+    done = ingest("stats", "--kestrel", "%s,%s" % (queue_server.address, dead))
+    assert done.returncode == 3, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-2] == "2 servers: 1 answer, 1 DOWN (%s); 4 items queued on those that " \
+                        "answer" % dead, done.stdout
+    assert lines[-1].startswith("DOWN %s: " % dead) and "refused" in lines[-1], done.stdout
     done = ingest("stats", "--kestrel", dead)
     assert done.returncode == 1
-    assert done.stdout.split() == ["server", "queue", "items", "total_items", "open",
-                                   "bytes", "items/s", dead, "DOWN", "-", "-", "-", "-", "-"]
+    assert done.stdout.split()[:14] == ["server", "queue", "items", "total_items", "open",
+                                        "bytes", "items/s", dead, "DOWN", "-", "-", "-", "-",
+                                        "-"]
+    assert "1 server: none answers" in done.stdout
+    done = ingest("stats", "--kestrel", queue_server.address)
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[-1] == "1 server: all answer; 4 items queued"
+
+
+def test_stats_hung_servers_cost_one_timeout_not_one_each(tmp_path):
+    """Two SIGSTOPped servers (connections accepted by the kernel, never answered): the
+    command still ends within about one per-server timeout plus the rate interval, and
+    names both as DOWN."""
+    servers = [QueueServer(tmp_path, name="q%d" % i).start() for i in range(3)]
+    try:
+        for s in servers[1:]:
+            s.proc.signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        done = ingest("stats", "--kestrel", ",".join(s.address for s in servers), "--json")
+        elapsed = time.monotonic() - t0
+    finally:
+        for s in servers:
+            s.proc.signal(signal.SIGCONT)
+            s.proc.stop()
+    # 1 s interval + at most 2 x 1 s for the hung ones, once; plus start-up.  Asked one
+    # after another, with two samples each, they took 9 s.
+    assert elapsed < 5.0, elapsed
+    assert done.returncode == 3, done.stdout + done.stderr
+    out = json.loads(done.stdout)
+    assert out["summary"]["down"] == [s.address for s in servers[1:]], out
+    assert all("no reply in time" in out["errors"][s.address] for s in servers[1:]), out

@@ -308,10 +308,25 @@ def test_summarise_rates_and_down_servers():
     lines = table.splitlines()
     assert lines[0].split() == ["server", "queue", "items", "total_items", "open", "bytes",
                                 "items/s"]
-    assert lines[1].split() == ["a:1", "(all)", "160", "30.0"]
+    assert lines[1].split() == ["a:1", "(all)", "17", "160", "30.0"]
     assert lines[2].split() == ["new", "10", "10", "-", "-", "5.0"]
     assert lines[3].split() == ["q", "7", "150", "1", "70", "25.0"]
     assert lines[4].split() == ["b:2", "DOWN", "-", "-", "-", "-", "-"]
+    assert lines[5].split() == ["c:3", "(all)", "0", "5", "-"]
+    assert lines[6] == "3 servers: 2 answer, 1 DOWN (b:2); 17 items queued on those that answer"
+    assert lines[7] == "DOWN b:2: no answer"
+    assert stats.overview(s) == {"servers": 3, "answering": 2, "down": ["b:2"], "items": 17}
+    assert stats.exit_code(s) == 3
+
+
+def test_stats_summary_line_and_exit_code_for_all_and_none():
+    up = {"up": True, "items": 4, "total_items": 9, "rate": 1.0, "queues": {}}
+    assert stats.summary_line({"a:1": up, "b:2": up}) == "2 servers: all answer; 8 items queued"
+    assert stats.exit_code({"a:1": up, "b:2": up}) == 0
+    assert stats.summary_line({"a:1": None, "b:2": None}) == "2 servers: none answers"
+    assert stats.exit_code({"a:1": None, "b:2": None}) == 1
+    table = stats.format_table({"a:1": None}, {"a:1": "a:1: connect: timed out"})
+    assert table.splitlines()[-1] == "DOWN a:1: connect: timed out"
 
 
 # ---- read rounds (server I/O replaced by a script) ------------------------------------------
