@@ -18,9 +18,10 @@ where the next person should look.
 
 Further modes (each reported after the ratios):
 
-    --open-loop   latency at 75% of each shape's measured capacity, open loop
-                  (bench.replay --rate; closed-loop p99 at 100 connections is only
-                  connections / throughput)
+    --open-loop   latency at 75% of each shape's measured capacity, paced: 50 wrk
+                  connections each waiting a fixed delay before every request (closed-loop
+                  p99 at 100 connections is only connections / throughput); the
+                  hello-world at the same rate beside it
     --soak N      worker RSS after N events of batch50, and after --wide connections
                   (default 1000) of batch50 at once
     --nginx       the production tree (two workers, nginx, the queue; supervisord from
@@ -172,35 +173,40 @@ def profile_round(shape, args, workdir, queue):
     return text.getvalue()
 
 
+OPEN_LOOP_CONNECTIONS = 50
+
+
+def paced_script(script, delay_ms):
+    """A wrk script whose every connection waits a random delay, `delay_ms` on average
+    (uniform from 0 to twice that), before each request: 50 connections offer a fixed
+    rate whatever the answers' latency (as long as each comes back well within the
+    pace), so the latency reported is that of an open loop at that rate, not connections
+    / throughput.  Random, because connections that all waited the same delay would
+    stay in step and arrive as bursts of 50."""
+    return (script or "") + ("function delay()\n  return math.random(0, %d)\nend\n"
+                             % (2 * delay_ms))
+
+
 def open_loop(shape, capacity, args, workdir, queue):
-    """p50/p99 at 75% of `capacity` requests/s, open loop (bench.replay --rate), for the
-    worker and, at the same rate, the hello-world: what the load generator itself adds."""
-    log = os.path.join(workdir, "%s.log" % shape)
-    only, batch = {"single": ("node_get_track", 1), "batch50": ("browser_batch_track", 50)}[shape]
-    subprocess.run([sys.executable, "-m", "bench.make_log", "--requests", "3000", "--only", only,
-                    "--batch-size", str(batch), "--out", log], check=True, capture_output=True)
+    """p50/p99 at 75% of `capacity` requests/s, paced (see paced_script), for the worker
+    and, at the same rate, for the hello-world."""
+    path, script, _events = shape_request(shape)
     rate = 0.75 * capacity
-    out = {"rate": rate}
+    delay_ms = max(1, int(round(OPEN_LOOP_CONNECTIONS * 1000.0 / rate)))
+    script = paced_script(script, delay_ms)
+    out = {"rate": OPEN_LOOP_CONNECTIONS * 1000.0 / delay_ms}
     for name in ("hello", "worker"):
         if name == "hello":
             proc, port = start_hello(workdir)
         else:
             worker = start_worker(workdir, queue)
             proc, port = worker.proc, worker.port
-        report_dir = os.path.join(workdir, "open-%s-%s" % (shape, name))
         try:
-            subprocess.run(pinned(LOAD_CPU, [
-                sys.executable, "-m", "bench.replay", "--log", log, "--url",
-                "http://%s:%d" % (LOOPBACK, port), "--rate", "%.0f" % rate, "--duration",
-                str(args.duration), "--processes", "1", "--concurrency", "200", "--out",
-                report_dir, "--max-rejected", "100"]), capture_output=True,
-                timeout=args.duration + 120)
+            r = run_wrk(port, path, script, args.duration, OPEN_LOOP_CONNECTIONS, workdir)
         finally:
             proc.stop()
-        with open(os.path.join(report_dir, "report.json")) as fh:
-            report = json.load(fh)
-        out[name] = {"achieved": report.get("ok_rps"), "p50_ms": report["latency_ms"]["p50"],
-                     "p99_ms": report["latency_ms"]["p99"]}
+        out[name] = {"achieved": r["requests"] / r["seconds"], "p50_ms": r["p50_ms"],
+                     "p99_ms": r["p99_ms"]}
     return out
 
 
@@ -253,9 +259,9 @@ def extra_modes(args, workdir, queue, summary):
             summary[shape]["open_loop"] = result
             for name in ("hello", "worker"):
                 r = result[name]
-                print("%s open loop at %.0f req/s (75%% of %.0f), %s: achieved %s, p50 %s ms,"
-                      " p99 %s ms" % (shape, result["rate"], capacity, name, r["achieved"],
-                                      r["p50_ms"], r["p99_ms"]))
+                print("%s paced at %.0f req/s (75%% of %.0f), %s: achieved %.0f, p50 %.2f ms,"
+                      " p99 %.2f ms" % (shape, result["rate"], capacity, name, r["achieved"],
+                                        r["p50_ms"], r["p99_ms"]))
     if args.soak:
         summary["soak"] = r = soak(args, workdir, queue)
         print("soak: RSS %.1f MiB after %d events; %.1f MiB after %d connections (%.0f req/s,"
