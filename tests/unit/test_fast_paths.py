@@ -149,3 +149,14 @@ def test_unquote_form_is_unquote_plus(parts):
     from urllib.parse import unquote_plus
     text = "".join(parts)
     assert decode.unquote_form(text) == unquote_plus(text)
+
+
+def test_the_stage_benchmark_runs_both_paths_of_each_stage():
+    """bench.micro's stages time each fast path beside its reference path; a change of
+    the stages' signatures must not leave it broken (it is run by hand, not by CI)."""
+    from bench import micro
+    figures = micro.bench_stages(micro.load_entries(None, 40, 1), 0.05)
+    for key in ("encode_us_per_record", "encode_exact_us_per_record",
+                "json_decode_us_per_record", "json_decode_exact_us_per_record"):
+        assert figures[key] > 0, key
+    assert figures["records_on_fast_json_path"] > 0.5
