@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from testkit.procs import QueueServer, Worker, rss_kib  # noqa: E402
+from testkit.procs import QueueServer, Worker, peak_rss_kib, rss_kib  # noqa: E402
 
 WORKER_CORE, LOAD_CORE = 0, 1
 
@@ -42,14 +42,6 @@ def body(records, properties):
               for i in range(records)]
     text = json.dumps(events, separators=(",", ":")).encode()
     return len(text), gzip.compress(b"data=" + text)
-
-
-def peak_kib(pid):
-    with open("/proc/%d/status" % pid) as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
 
 
 def burst(host, port, payload, n):
@@ -93,7 +85,7 @@ def run_shape(work, queue, shape, n, worker_args):
         for _ in range(5):
             time.sleep(1.0)          # sampling interval of the RSS curve, not a wait
             after.append(rss_kib(pid))
-        peak = peak_kib(pid)
+        peak = peak_rss_kib(pid)
         alive = worker.proc.alive()
     finally:
         worker.proc.stop(15)

@@ -44,7 +44,7 @@ import tempfile
 import time
 
 from testkit.procs import (LOOPBACK, Proc, QueueServer, Worker, cpu_seconds, free_port,
-                           pinned, rss_kib)
+                           peak_rss_kib, pinned, rss_kib)
 
 SERVER_CPU, LOAD_CPU = 0, 1
 TOKEN = "wrk-bench"
@@ -111,13 +111,6 @@ def measure(pid, port, shape, args, workdir):
     result["peak_rss_mib"] = peak_rss_kib(pid) / 1024.0
     return result
 
-
-def peak_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
 
 
 def start_hello(workdir):

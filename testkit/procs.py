@@ -85,13 +85,22 @@ def fill_disk(directory):
 
 # ---- figures from /proc (Linux) ----------------------------------------------------------
 
-def rss_kib(pid):
-    """The resident set size of `pid` in KiB (VmRSS)."""
+def _status_kib(pid, field):
     with open("/proc/%d/status" % pid) as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no VmRSS for pid %d" % pid)
+    raise AssertionError("no %s for pid %d" % (field, pid))
+
+
+def rss_kib(pid):
+    """The resident set size of `pid` in KiB (VmRSS)."""
+    return _status_kib(pid, "VmRSS")
+
+
+def peak_rss_kib(pid):
+    """The highest resident set size `pid` has had, in KiB (VmHWM)."""
+    return _status_kib(pid, "VmHWM")
 
 
 def open_fds(pid):
