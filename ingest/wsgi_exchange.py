@@ -151,7 +151,7 @@ def respond(protocol):
         protocol.close_connection = 1
         protocol.server.log.info(traceback.format_exc())
         status, headers, body = ("500 Internal Server Error",
-                                 [("Content-Type", "text/plain"), ("Content-Length", "0")], b"")
+                                 [("Content-type", "text/plain"), ("Content-length", "0")], b"")
     _write(protocol, status, headers, body)
     sent.append(1)
     _finish(protocol, request_input)

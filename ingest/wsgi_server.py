@@ -51,8 +51,8 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
     - A header block the parser could not fully read (a malformed line makes it stop
       early and silently drop the headers after it, including Content-Length) is
       refused: otherwise the rest is read as a second request (request smuggling).
-    - Content-Length must be plain digits and appear once; Transfer-Encoding other than
-      `chunked` is refused.
+    - Content-Length must be plain digits and appear once; Transfer-Encoding must be one
+      line that says `chunked`.
     - The header block must arrive within the read timeout as a whole (slow-loris).
     """
 
@@ -103,7 +103,8 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         same values; anything else is replayed into the standard parser unchanged."""
         requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
         words = requestline.split()
-        if len(words) != 3 or words[2] not in _FAST_VERSIONS or words[1][:2] == "//":
+        if len(words) != 3 or words[2] not in _FAST_VERSIONS or words[1][:2] == "//" \
+                or self.protocol_version != "HTTP/1.1":
             return super().parse_request()
         lines = []
         readline = self.rfile.readline
@@ -148,8 +149,11 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
             self.send_error(400)
             return False
-        coding = headers.get("Transfer-Encoding")
-        if coding is not None and coding.strip().lower() != "chunked":
+        # Exactly one Transfer-Encoding line, and it says chunked: repeated lines are
+        # joined ("chunked,chunked") into the environ, which the input stream would not
+        # take for chunked, leaving the body to be read as the next request.
+        codings = headers.get_all("Transfer-Encoding") or ()
+        if len(codings) > 1 or (codings and codings[0].strip().lower() != "chunked"):
             self.send_error(400)
             return False
         if self.server.app.state.draining:

@@ -479,6 +479,17 @@ def test_non_chunked_transfer_encoding_gets_400(default_worker):
     assert closed
 
 
+def test_repeated_transfer_encoding_lines_get_400_not_a_smuggled_request(default_worker):
+    """Two `Transfer-Encoding: chunked` lines are joined ("chunked,chunked") in the
+    environ, which the input stream does not read as chunked: the body would be taken for
+    the next request (here `ADD /smuggled`, a valid chunk size and method alike)."""
+    raw = (b"POST /track HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\nADD /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp, closed = exchange(default_worker.port, raw)
+    assert_clean(resp, 400)
+    assert closed
+
+
 def test_valid_chunked_body_is_served(default_worker):
     data = ("data=" + b64_json(event())).encode()
     raw = request("POST", "/track", (("Content-Type", "text/plain"),
