@@ -24,22 +24,6 @@ _OP_TYPES = {"$set": dict, "$set_once": dict, "$add": dict, "$append": dict, "$u
              "$remove": dict, "$unset": list, "$merge": dict}
 
 
-def nesting_bound(records, brackets):
-    """How deep below its properties any event of `records` can be nested, from the
-    number of `{` and `[` in the request's JSON text.
-
-    An event nested N levels below its properties holds N + 2 brackets; every other
-    record that is an object with an object `properties` holds at least 2, and the rest
-    at least 0.  So no event can be nested deeper than the brackets left once 2 are
-    counted for each of those: a request with few is known to be shallow, and cleaning
-    skips its value checks (Context.values_checked)."""
-    shaped = 0
-    for record in records:
-        if type(record) is dict and type(record.get("properties")) is dict:
-            shaped += 1
-    return brackets - 2 * shaped
-
-
 class Context:
     """What cleaning needs from the request: arrival time, client IP, limits."""
 
@@ -60,7 +44,7 @@ class Context:
         # No string can be longer than the request's whole `data` text: when that is short
         # enough, string lengths need no checking at all.
         self.long_strings = data_chars is None or data_chars > max_string
-        # `nesting` (nesting_bound) bounds how deep any event of the request can be
+        # `nesting` (decode.nesting_bound) bounds how deep any event of the request can be
         # nested: when no string can be too long and no event too deep, the value checks
         # of the /track fast path cannot refuse anything and are skipped.
         self.values_checked = self.long_strings or nesting is None or nesting > max_depth

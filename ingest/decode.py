@@ -68,7 +68,9 @@ def read_params(query_string, content_type, body):
             params["data"] = _text(body)
         elif media in NDJSON_TYPES:
             # One record per line (/import's bulk format) becomes one JSON array.
-            lines = [line for line in _text(body).splitlines() if line.strip()]
+            # Split at LF only: JSON strings may hold U+2028, U+2029 or U+0085 raw, which
+            # str.splitlines() would take for line ends.
+            lines = [line for line in _text(body).split("\n") if line.strip()]
             params["data"] = "[" + ",".join(lines) + "]"
         elif media in FORM_TYPES or media.startswith("text/"):
             parse_pairs(_text(body), params)
@@ -160,11 +162,32 @@ def decode_data(value):
     return decode_records(value)[0]
 
 
+# A text whose records may be nested this deep is decoded by simplejson alone: near the
+# interpreter's recursion limit msgspec reads a few levels deeper than simplejson, and a
+# request refused whole as too_deep must stay refused (no record is legitimately this
+# deep: max_depth refuses far less).
+_MAYBE_TOO_DEEP = 400
+
+
+def nesting_bound(records, brackets):
+    """How deep any record of `records` can be nested, from the number of `{` and `[`
+    in the request's JSON text (`brackets`; brackets inside strings only add).
+
+    A record nested N levels below its properties holds N + 2 brackets; every other
+    record that is an object with an object `properties` holds at least 2, and the rest
+    at least 0.  So no record can be nested deeper than the brackets left once 2 are
+    counted for each of those (clean.Context.values_checked uses the same bound)."""
+    shaped = 0
+    for record in records:
+        if type(record) is dict and type(record.get("properties")) is dict:
+            shaped += 1
+    return brackets - 2 * shaped
+
+
 def decode_records(value):
     """The `data` parameter -> (list of raw records, plain: see loads_checked, brackets).
 
-    `brackets`: how many `{` and `[` the JSON text holds, counted at C speed (see
-    clean.nesting_bound; brackets inside strings only make it larger)."""
+    `brackets`: how many `{` and `[` the JSON text holds, counted at C speed."""
     first = _FIRST_CHAR.match(value) if value is not None else None
     if first is None:
         raise IngestError("missing_data")
@@ -179,8 +202,12 @@ def decode_records(value):
         except UnicodeDecodeError:
             raise IngestError("invalid_utf8") from None
         parsed, plain = loads_checked(text)
+    brackets = text.count("{") + text.count("[")
+    if plain and brackets >= _MAYBE_TOO_DEEP and nesting_bound(
+            parsed if isinstance(parsed, list) else [parsed], brackets) >= _MAYBE_TOO_DEEP:
+        parsed, plain = strict_loads(text), False
     if isinstance(parsed, dict):
         parsed = [parsed]
     elif not isinstance(parsed, list):
         raise IngestError("invalid_data")
-    return parsed, plain, text.count("{") + text.count("[")
+    return parsed, plain, brackets

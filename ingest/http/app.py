@@ -223,7 +223,7 @@ class App:
         now = self.clock()
         ip = self.client_ip(environ) if params.get("ip") in request.TRUE else None
         s = self.settings
-        nesting = cleaning.nesting_bound(records, brackets) if endpoint == "track" else None
+        nesting = decode.nesting_bound(records, brackets) if endpoint == "track" else None
         ctx = cleaning.Context(now, ip, s.max_properties, s.max_depth, s.max_string_chars,
                                data_chars, nesting)
         pairs, rejected, accepted = self.route_all(endpoint, records, ctx, table, secret, now,

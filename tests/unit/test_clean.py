@@ -485,7 +485,7 @@ def test_the_track_fast_path_cleans_as_the_full_checks_do(record, ip, max_string
 @pytest.mark.parametrize("fillers", [0, 1, 30])
 def test_a_deep_event_is_refused_whatever_records_surround_it(fillers):
     """The depth checks are skipped only when the request's brackets prove every event
-    shallow (clean.nesting_bound): records without brackets cannot hide a deep one."""
+    shallow (decode.nesting_bound): records without brackets cannot hide a deep one."""
     deep = {"a": 1}
     for _ in range(21):                       # max_depth is 20 below properties
         deep = {"d": deep}
@@ -505,5 +505,6 @@ def test_a_deep_event_is_refused_whatever_records_surround_it(fillers):
 def test_nesting_bound_counts_two_brackets_per_event_only():
     events = [{"event": "e", "properties": {"t": 1}}, 1, {"event": "e", "properties": 2}]
     text = json.dumps(events)
-    bound = clean.nesting_bound(events, text.count("{") + text.count("["))
+    from ingest import decode
+    bound = decode.nesting_bound(events, text.count("{") + text.count("["))
     assert bound == 4 - 2          # 3 braces and the array's bracket, one shaped event

@@ -160,3 +160,42 @@ def test_the_stage_benchmark_runs_both_paths_of_each_stage():
                 "json_decode_us_per_record", "json_decode_exact_us_per_record"):
         assert figures[key] > 0, key
     assert figures["records_on_fast_json_path"] > 0.5
+
+
+def test_deep_texts_are_decided_by_simplejson_alone():
+    """Near the recursion limit msgspec reads a few levels deeper than simplejson: a text
+    that may be nested that deep is decoded by simplejson alone (plain is False), so a
+    request simplejson refuses whole as too_deep stays refused.  Where the limit falls
+    depends on the caller's stack, so outcomes are compared only away from it."""
+    def deep_text(depth):
+        return '[{"event":"ok","properties":{"token":"t"}},{"event":"e","properties":' \
+               '{"token":"t","x":%s}}]' % ("[" * depth + "]" * depth)
+
+    for depth in list(range(390, 1001, 5)):
+        try:
+            records, plain, _ = decode.decode_records(deep_text(depth))
+        except IngestError as exc:
+            assert exc.reason == "too_deep", depth
+        else:
+            assert plain is (depth + 1 < 400), depth    # nesting_bound: depth + 5 - 2 * 2
+            assert list_depth(records) == depth
+    for depth in (395, 600, 5000):
+        fast = outcome(lambda t: decode.decode_records(t)[0], deep_text(depth))
+        exact = outcome(decode.strict_loads, deep_text(depth))
+        # Compared without recursion: shape() or == would hit the limit themselves.
+        assert (fast[0], fast[1] if fast[0] == "error" else list_depth(fast[1])) == \
+            (exact[0], exact[1] if exact[0] == "error" else list_depth(exact[1])), depth
+
+
+def list_depth(records):
+    """How deep the last record's `x` is nested, counted in a loop."""
+    value, depth = records[-1]["properties"]["x"], 0
+    while isinstance(value, list):
+        value, depth = value[0] if value else None, depth + 1
+    return depth
+
+
+def test_ndjson_lines_end_at_line_feeds_only():
+    body = '{"event":"a\u2028b\u0085c","properties":{}}\r\n\n{"event":"d","properties":{}}\n'
+    params = decode.read_params("", "application/x-ndjson", body.encode("utf-8"))
+    assert [r["event"] for r in decode.decode_data(params["data"])] == ["a\u2028b\u0085c", "d"]
