@@ -21,6 +21,7 @@ setup(
         "eventlet>=0.41,<0.42",
         "simplejson>=4.3,<5",
         "msgspec>=0.23,<0.24",
+        "pybase64>=1.4,<1.5",
         "prometheus_client>=0.26,<0.27",
         "supervisor>=4.3,<5",
     ],

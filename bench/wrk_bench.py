@@ -98,12 +98,18 @@ def run_wrk(port, path, script, duration, connections, workdir):
             "p50_ms": lat.get("50"), "p99_ms": lat.get("99")}
 
 
-def measure(pid, port, shape, args, workdir):
+def measure(pid, port, shape, args, workdir, queue=None):
+    """wrk against one server; `queue`: the bundled queue it writes to, whose share of
+    core 1 (beside wrk) is reported too: a worker waiting on it is not CPU-bound."""
     path, script, events = shape_request(shape)
     run_wrk(port, path, script, 1, args.connections, workdir)       # warm up
     cpu0 = cpu_seconds(pid)
+    qcpu0 = cpu_seconds(queue.proc.pid) if queue is not None else 0.0
     result = run_wrk(port, path, script, args.duration, args.connections, workdir)
     cpu = cpu_seconds(pid) - cpu0
+    if queue is not None:
+        result["queue_cpu_share"] = (cpu_seconds(queue.proc.pid) - qcpu0) / result["seconds"]
+    result["cpu_share"] = cpu / result["seconds"]
     result["rps"] = result["requests"] / result["seconds"]
     result["events_per_s"] = result["rps"] * events
     result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
@@ -137,7 +143,7 @@ def one_round(shape, args, workdir, queue):
         hello.stop()
     worker = start_worker(workdir, queue)
     try:
-        target = measure(worker.proc.pid, worker.port, shape, args, workdir)
+        target = measure(worker.proc.pid, worker.port, shape, args, workdir, queue)
     finally:
         worker.proc.stop()
     return base, target
@@ -148,7 +154,10 @@ def report_line(label, r):
             "  RSS %.0f MiB (peak %.0f)  non-2xx %d %s"
             % (label, r["rps"], r["events_per_s"], r["cpu_us_per_request"], r["p50_ms"] or 0,
                r["p99_ms"] or 0, r["rss_mib"], r["peak_rss_mib"], r["non_2xx"],
-               r["socket_errors"]))
+               r["socket_errors"])
+            + "  core %.0f%%" % (100 * r["cpu_share"])
+            + ("  queue %.0f%% of core 1" % (100 * r["queue_cpu_share"])
+               if "queue_cpu_share" in r else ""))
 
 
 def profile_round(shape, args, workdir, queue):

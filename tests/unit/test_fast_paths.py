@@ -141,6 +141,22 @@ def test_b64decode_is_the_reference(value):
     assert outcome(decode.b64decode, value) == reference_b64decode(value)
 
 
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=24) | st.lists(st.sampled_from(
+    [b"QQ", b"QUI", b"QUJD", b"=", b"==", b"+", b"/", b"?", b" ", b"\n", b"A", b"w"]),
+    max_size=10).map(b"".join))
+def test_pybase64_never_accepts_what_binascii_strict_refuses(raw):
+    """decode.b64decode tries pybase64 first: whatever it accepts, binascii's strict mode
+    (the reference, which decides every refusal) accepts too, with the same bytes."""
+    import binascii
+    import pybase64
+    try:
+        fast = pybase64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        return
+    assert binascii.a2b_base64(raw, strict_mode=True) == fast
+
+
 @settings(max_examples=600, deadline=None)
 @given(st.lists(st.sampled_from(["a", "+", " ", "%2B", "%2b", "%7B", "%22", "%3A", "%20", "%",
                                  "%2", "%zz", "%4G", "%C3%A9", "%C3", "%FF", "%00", "\\", "\\x41",
