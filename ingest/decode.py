@@ -30,12 +30,20 @@ _FIRST_CHAR = re.compile(r"\s*(\S)")
 
 def parse_pairs(text, into):
     """Add the known parameters of a urlencoded string to dict `into` (last one wins)."""
-    for part in text.split("&"):
+    # PERF: pairs are found with find(), which skips to the next `&` at memchr speed;
+    # split("&") walks a 15 KB `data=` body a character at a time (5% of a batch
+    # request's in-process instructions), and the usual body is that one pair.
+    start = 0
+    while True:
+        end = text.find("&", start)
+        part = text[start:] if end < 0 else text[start:end]
         name, sep, value = part.partition("=")
         if name in CONTROL_PARAMS:
             # PERF: only known names are unquoted; cache busters like `_=` are skipped.
             into[name] = unquote_form(value) if ("%" in value or "+" in value) else value
-    return into
+        if end < 0:
+            return into
+        start = end + 1
 
 
 def unquote_form(value):

@@ -215,3 +215,20 @@ def test_ndjson_lines_end_at_line_feeds_only():
     body = '{"event":"a\u2028b\u0085c","properties":{}}\r\n\n{"event":"d","properties":{}}\n'
     params = decode.read_params("", "application/x-ndjson", body.encode("utf-8"))
     assert [r["event"] for r in decode.decode_data(params["data"])] == ["a\u2028b\u0085c", "d"]
+
+
+def reference_parse_pairs(text):
+    """decode.parse_pairs as it was before it found pairs with find()."""
+    into = {}
+    for part in text.split("&"):
+        name, _, value = part.partition("=")
+        if name in decode.CONTROL_PARAMS:
+            into[name] = decode.unquote_form(value) if ("%" in value or "+" in value) else value
+    return into
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(["data", "ip", "verbose", "_", "=", "&", "1", "%7B", "+", "x"]),
+                max_size=14).map("".join))
+def test_parse_pairs_is_the_split_reference(text):
+    assert decode.parse_pairs(text, {}) == reference_parse_pairs(text)
