@@ -62,16 +62,23 @@ def b64(value):
     return base64.b64encode(json.dumps(value, separators=(",", ":")).encode()).decode()
 
 
-def shape_request(name):
-    """(path, wrk lua script or None, events per request)."""
+def shape(name):
+    """(path, form body or None for a GET, events per request)."""
     if name == "single":
         return "/track?ip=1&data=" + b64(event(1)), None, 1
     if name == "batch50":
-        body = "data=" + b64([event(i) for i in range(50)])
+        return "/track?ip=1", "data=" + b64([event(i) for i in range(50)]), 50
+    raise SystemExit("unknown shape %r" % name)
+
+
+def shape_request(name):
+    """(path, wrk lua script or None, events per request)."""
+    path, body, events = shape(name)
+    script = None
+    if body is not None:
         script = ('wrk.method = "POST"\nwrk.body = "%s"\n'
                   'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n' % body)
-        return "/track?ip=1", script, 50
-    raise SystemExit("unknown shape %r" % name)
+    return path, script, events
 
 
 _LATENCY = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)

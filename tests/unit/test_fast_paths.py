@@ -167,6 +167,18 @@ def test_unquote_form_is_unquote_plus(parts):
     assert decode.unquote_form(text) == unquote_plus(text)
 
 
+@pytest.mark.parametrize("shape", ["single", "batch50"])
+def test_the_instruction_benchmark_runs_requests_the_app_accepts(shape, monkeypatch):
+    """bench.instructions counts what its pipeline executes under valgrind (by hand, not
+    in CI): each request must be one the app accepts whole, or it would count a refusal."""
+    from bench import instructions
+    from ingest.sinks.memory import MemorySink
+    stored = []
+    monkeypatch.setattr(MemorySink, "put", lambda self, pairs: stored.extend(pairs))
+    instructions.pipeline(shape, worker_gc=False)()
+    assert len(stored) == {"single": 1, "batch50": 50}[shape]
+
+
 def test_the_stage_benchmark_runs_both_paths_of_each_stage():
     """bench.micro's stages time each fast path beside its reference path; a change of
     the stages' signatures must not leave it broken (it is run by hand, not by CI)."""
