@@ -17,6 +17,7 @@ import time
 from testkit.payloads import b64_json
 
 TOKEN = "no-loss-token"
+REFUSALS_KEPT = 10
 
 
 def track_query(insert_ids, event="load", pad=0):
@@ -44,6 +45,7 @@ class Result:
         self.sent_ids = []         # insert_ids of every request attempted
         self.statuses = {}         # status (or 'conn-error') -> count
         self.retry_after = []      # Retry-After values seen on 503
+        self.refusals = []         # the first REFUSALS_KEPT 503s: (seconds in, body)
         self.malformed = []        # answers that were neither a clean 200/503 nor a refusal
         self.outcome = {}          # insert_id -> (status, exception name for conn-error)
         self.requests = 0
@@ -61,6 +63,9 @@ class Result:
                 self.acked.extend(ids)
             elif status == 503:
                 self.retry_after.append(retry_after)
+                if len(self.refusals) < REFUSALS_KEPT:
+                    since = time.monotonic() - self.started if self.started else 0.0
+                    self.refusals.append((round(since, 1), body[:120]))
             elif status != "conn-error":
                 self.malformed.append((status, body[:200] if isinstance(body, bytes) else body))
 
@@ -76,8 +81,11 @@ class Result:
         return len(self.acked) / elapsed if elapsed > 0 else 0.0
 
     def summary(self):
-        return "requests=%d acked=%d statuses=%s" % (self.requests, len(self.acked),
-                                                     dict(sorted(self.statuses.items(), key=str)))
+        text = "requests=%d acked=%d statuses=%s" % (
+            self.requests, len(self.acked), dict(sorted(self.statuses.items(), key=str)))
+        if self.refusals:
+            text += " first 503s (s, body): %s" % self.refusals
+        return text
 
 
 class Load:
