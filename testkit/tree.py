@@ -195,8 +195,11 @@ class Tree:
         text = []
         log_dir = self.path("log")
         for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else ():
-            with open(os.path.join(log_dir, name), "rb") as fh:
-                tail = fh.read()[-limit:].decode("utf-8", "replace")
+            try:
+                with open(os.path.join(log_dir, name), "rb") as fh:
+                    tail = fh.read()[-limit:].decode("utf-8", "replace")
+            except FileNotFoundError:   # rotated away since the listing
+                continue
             text.append("== %s\n%s" % (name, tail))
         return "\n".join(text)
 

@@ -291,7 +291,10 @@ def test_nginx_answers_its_own_errors_in_the_api_shape(tmp_path):
     nginx = Proc("nginx", [sys.executable, LAUNCH, "nginx"], str(tmp_path / "logs"), env=env,
                  cwd=str(tmp_path))
     nginx.start().wait_port("127.0.0.1", port)
-    workers = child_pids(nginx.pid)
+    # The master listens before it forks its workers: poll for them, or the check at the
+    # end could pass on an empty list.
+    workers = wait_until(lambda: child_pids(nginx.pid), timeout=5,
+                         message="nginx's worker processes")
     try:
         resp = roundtrip(port, b"POST /track HTTP/1.1\r\nHost: x\r\n"
                                b"Content-Type: application/x-www-form-urlencoded\r\n"

@@ -31,11 +31,24 @@ FAST = ["--kestrel-retry-ms", "200", "--kestrel-timeout-ms", "1000",
 
 
 def segments(spool_dir):
-    """Spool segments holding data (an open, empty active segment is not a backlog)."""
+    """Spool segments holding data (an open, empty active segment is not a backlog).
+
+    A segment the forwarder deletes between the listing and its stat is gone, not an
+    error: this is polled while the forwarder drains, and a FileNotFoundError would end
+    the wait at once instead of polling again."""
     if not os.path.isdir(spool_dir):
         return []
-    return sorted(n for n in os.listdir(spool_dir)
-                  if n.endswith(".seg") and os.path.getsize(os.path.join(spool_dir, n)) > 0)
+    found = []
+    for name in os.listdir(spool_dir):
+        if not name.endswith(".seg"):
+            continue
+        try:
+            size = os.path.getsize(os.path.join(spool_dir, name))
+        except FileNotFoundError:
+            continue                    # forwarded and deleted meanwhile
+        if size > 0:
+            found.append(name)
+    return sorted(found)
 
 
 def insert_id(item):

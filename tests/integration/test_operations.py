@@ -104,13 +104,26 @@ def test_a_foreign_listener_on_a_slot_port_is_not_taken_for_a_worker(tmp_path, c
         foreign.server_close()
     assert [(status, body) for status, _, body in answers] == [(200, b"1")] * 30
     assert Foreign.hits == []
-    nginx_log = tree.log_text("nginx.log")
-    assert "port %d of worker slot 1 is held by something that is not this tree's ingest" \
-           " worker (HTTP 501 text/html" % tree.worker_port(1) in nginx_log
-    worker_log = tree.log_text("ingest-worker_01.log")
-    assert "cannot listen on 127.0.0.1:%d: Address already in use" % tree.worker_port(1) \
-        in worker_log
-    assert "Traceback" not in worker_log
+    wait_for_log_line(tree, "nginx.log", "port %d of worker slot 1 is held by something that"
+                      " is not this tree's ingest worker (HTTP 501 text/html"
+                      % tree.worker_port(1))
+    # nginx only waited for slot 0: slot 1's worker may still be starting (or supervisord
+    # not have copied its output to the log yet) when the requests above are done.
+    wait_for_log_line(tree, "ingest-worker_01.log", "cannot listen on 127.0.0.1:%d: Address"
+                      " already in use" % tree.worker_port(1))
+    assert "Traceback" not in tree.log_text("ingest-worker_01.log")
+
+
+def wait_for_log_line(tree, name, text, timeout=10):
+    """Poll var/log/`name` until it holds `text`.  supervisord copies a program's output
+    to its log file on its own schedule (and creates the file when it starts the
+    program), so a line a program has written may not be in the file yet."""
+    def written():
+        try:
+            return text in tree.log_text(name)
+        except FileNotFoundError:
+            return False                # the program not started yet
+    wait_until(written, timeout=timeout, message="%r in var/log/%s" % (text, name))
 
 
 # ---- 3: a rolling restart that drops nothing --------------------------------------------
@@ -168,12 +181,36 @@ def import_requests(tree):
     ]
 
 
+def read_logs(tree):
+    """{name: bytes} of every file under var/log, as one consistent snapshot.
+
+    The tree's rotator renames the access logs past 4 KiB (FILE to FILE.1, FILE.1 to
+    FILE.2, ...) within a second, at any moment: a rename between the listing and the
+    reads makes a file vanish (FileNotFoundError) or its lines be read under two names or
+    none.  The snapshot is taken again until every name is the same file after the reads
+    as before them."""
+    directory = tree.path("log")
+
+    def files():
+        return {n: os.stat(os.path.join(directory, n)).st_ino for n in os.listdir(directory)}
+
+    def snapshot():
+        try:
+            before = files()
+            texts = {}
+            for name in before:
+                with open(os.path.join(directory, name), "rb") as fh:
+                    texts[name] = fh.read()
+            return texts if files() == before else None
+        except FileNotFoundError:
+            return None                 # renamed this moment: take it again
+    return wait_until(snapshot, timeout=10, message="var/log read between two rotations")
+
+
 def assert_no_secret_in_any_log(tree):
     """No file under var/log holds the secret, the wrong secret or the Basic credentials."""
     basic = base64.b64encode(("%s:" % SECRET).encode())
-    for name in sorted(os.listdir(tree.path("log"))):
-        with open(tree.path("log", name), "rb") as fh:
-            text = fh.read()
+    for name, text in sorted(read_logs(tree).items()):
         found = [s for s in (SECRET.encode(), WRONG.encode(), basic) if s in text]
         assert found == [], "%r in var/log/%s" % (found, name)
 
@@ -235,17 +272,15 @@ def test_no_log_holds_a_secret_and_access_logs_follow_the_policy(ops_tree):
         log = tree.path("log", name)
         wait_until(lambda: os.path.exists(log + ".1"), timeout=10, message=name + " rotated")
     wait_until(lambda: track(-1) == 200 and all(
-        os.path.exists(tree.path("log", n)) and os.path.getsize(tree.path("log", n)) > 0
-        for n in ("access.log", "worker-access.log")), timeout=10,
-        message="nginx and the workers writing the new access logs")
+        size(tree.path("log", n)) > 0 for n in ("access.log", "worker-access.log")),
+        timeout=10, message="nginx and the workers writing the new access logs")
 
     assert_no_secret_in_any_log(tree)    # again, rotated files and late writes included
+    logs = read_logs(tree)
     lines = []
-    for name in sorted(os.listdir(tree.path("log"))):
-        path = tree.path("log", name)
+    for name, text in sorted(logs.items()):
         if name.startswith("access.log"):
-            with open(path, encoding="utf-8") as fh:
-                lines += [json.loads(line) for line in fh]
+            lines += [json.loads(line) for line in text.decode("utf-8").splitlines()]
     imports = [x for x in lines if x["path"] == "/import"]
     captured = [x["uri"] + "&" + x["body"] for x in imports]
     assert len(imports) == 8 and sum("api_key=REDACTED" in text for text in captured) == 6
@@ -253,16 +288,24 @@ def test_no_log_holds_a_secret_and_access_logs_follow_the_policy(ops_tree):
                for text in captured), captured
     assert any(x["x_forwarded_for"] == "198.51.100.23" for x in lines)
     worker_lines = []
-    for name in os.listdir(tree.path("log")):
+    for name, text in logs.items():
         if name.startswith("worker-access.log"):
-            with open(tree.path("log", name), encoding="utf-8") as fh:
-                worker_lines += [json.loads(line) for line in fh]
+            worker_lines += [json.loads(line) for line in text.decode("utf-8").splitlines()]
     assert any(x["forwarded_for"] == "198.51.100.23, 127.0.0.1" and x["ip"] == "198.51.100.23"
                for x in worker_lines)
 
     crit = [line for line in tree.log_text("supervisord.log").splitlines() if " CRIT " in line]
     assert crit == [line for line in crit if "'unix_http_server' running without any HTTP"
                     " authentication checking" in line] and len(crit) <= 1, crit
+
+
+def size(path):
+    """The file's size; 0 while it is not there (not created yet, or renamed by the
+    rotator this moment and not yet reopened)."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
 
 
 # ---- 5: a taken nginx port fails at once --------------------------------------------------

@@ -642,10 +642,15 @@ def test_concurrent_producers_and_blocking_consumers_lose_and_duplicate_nothing(
         w = Wire(srv)
         try:
             while True:
+                # Read before the get: every producer had finished (all its items
+                # STORED) before a get that then found nothing, so the queue is drained.
+                # Read after it, a producer could store its last items between the
+                # empty get and the check, and every consumer leave them behind.
+                finished = not producing[0]
                 item = w.get("conc/close/open/t=300")
                 if item is not None:
                     out.append(item)
-                elif not producing[0]:        # empty after every producer finished
+                elif finished:
                     return
         except Exception as exc:
             errors.append(exc)
