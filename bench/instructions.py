@@ -89,7 +89,10 @@ def _instructions(shape, count, address):
             sys.executable, "-m", "bench.instructions", "--child", shape, str(count)]
     if address:
         argv.append(address)
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # A fixed hash seed: with a random one, dict and set layouts (and so the count) move
+    # by about 1% from run to run.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     for line in out.stderr.splitlines():
         if "Collected :" in line:
             return int(line.rsplit(":", 1)[1])

@@ -110,7 +110,7 @@ def _plain_float(text):
     that a record msgspec decoded contains only floats that msgspec writes exactly as
     the standard library does (ingest/encode.py)."""
     value = float(text)
-    if value == 0.0 or 1e-4 <= abs(value) < 1e16:
+    if 1e-4 <= value < 1e16 or -1e16 < value <= -1e-4 or value == 0.0:
         return value
     raise ValueError("float written with an exponent")
 
