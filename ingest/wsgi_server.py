@@ -41,6 +41,17 @@ class GreenLatch(eventlet.event.Event):
 _ERROR_BODY = json_body({"status": 0, "error": errors.message("malformed_http")})
 
 
+def _bare_cr(lines):
+    """True when a header line holds a CR that does not end it."""
+    for line in lines:
+        end = len(line) - 1 if line.endswith(b"\n") else len(line)
+        if end > 0 and line[end - 1:end] == b"\r":
+            end -= 1
+        if line.find(b"\r", 0, end) >= 0:
+            return True
+    return False
+
+
 class IngestProtocol(eventlet.wsgi.HttpProtocol):
     """eventlet's HTTP/1.1 handler with stricter framing and well-formed errors.
 
@@ -103,9 +114,8 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         same values; anything else is replayed into the standard parser unchanged."""
         requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
         words = requestline.split()
-        if len(words) != 3 or words[2] not in _FAST_VERSIONS or words[1][:2] == "//" \
-                or self.protocol_version != "HTTP/1.1":
-            return super().parse_request()
+        if len(words) != 3:
+            return super().parse_request()     # refused there, or HTTP/0.9 (no headers)
         lines = []
         readline = self.rfile.readline
         while True:
@@ -115,7 +125,16 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
             lines.append(line)
             if len(lines) >= 100 or len(line) > 65536:
                 return self._reparse(lines)    # the standard parser's limits decide
-        headers = parse_plain(lines)
+        if _bare_cr(lines):
+            # The email parser ends a header line at a lone CR, so `X: a<CR>Transfer-
+            # Encoding: chunked` would frame the body for this worker but not for a proxy
+            # that keeps the line whole (RFC 9112 2.2: refuse it).
+            self.command = None
+            self.send_error(400)
+            return False
+        fast = (words[2] in _FAST_VERSIONS and words[1][:2] != "//"
+                and self.protocol_version == "HTTP/1.1")
+        headers = parse_plain(lines) if fast else None
         if headers is None or line == b"":
             return self._reparse(lines + [line])
         self.command, self.path, self.request_version = words
@@ -152,8 +171,13 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         # Exactly one Transfer-Encoding line, and it says chunked: repeated lines are
         # joined ("chunked,chunked") into the environ, which the input stream would not
         # take for chunked, leaving the body to be read as the next request.
+        # The value is trimmed as the environ trims it (build_environ: spaces, tabs, CR,
+        # LF only): str.strip() would also take a trailing NBSP or form feed away here
+        # while the input stream saw "chunked\xa0", not chunked, and read the body as
+        # the next request.
         codings = headers.get_all("Transfer-Encoding") or ()
-        if len(codings) > 1 or (codings and codings[0].strip().lower() != "chunked"):
+        if len(codings) > 1 or (
+                codings and codings[0].strip(" \t\r\n").lower() != "chunked"):
             self.send_error(400)
             return False
         if self.server.app.state.draining:

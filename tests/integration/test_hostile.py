@@ -490,6 +490,31 @@ def test_repeated_transfer_encoding_lines_get_400_not_a_smuggled_request(default
     assert closed
 
 
+@pytest.mark.parametrize("tail", [b"\xa0", b"\x85", b"\x0b", b"\x0c", b"\x1c", b"\x1f"])
+def test_transfer_encoding_with_odd_trailing_whitespace_gets_400(default_worker, tail):
+    """`chunked` followed by a character str.strip() removes but the environ keeps: the
+    framing check once read it as chunked while the input stream did not, so the body
+    became a second request."""
+    raw = (b"POST /track HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked" + tail +
+           b"\r\n\r\nGET /smuggled?data=x HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp, closed = exchange(default_worker.port, raw)
+    assert_clean(resp, 400)
+    assert closed
+
+
+@pytest.mark.parametrize("head", [
+    b"X-A: a\rTransfer-Encoding: chunked\r\n",      # a lone CR inside a value
+    b"X-A: a\r\r\n",                                # a CR before the line's own CRLF
+])
+def test_a_lone_cr_in_the_header_block_gets_400(default_worker, head):
+    """The email parser ends a line at a lone CR: a hidden Transfer-Encoding a proxy that
+    keeps the line whole never saw would frame the body here."""
+    raw = b"POST /track HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n5\r\nhello\r\n0\r\n\r\n"
+    resp, closed = exchange(default_worker.port, raw)
+    assert_clean(resp, 400)
+    assert closed
+
+
 def test_valid_chunked_body_is_served(default_worker):
     data = ("data=" + b64_json(event())).encode()
     raw = request("POST", "/track", (("Content-Type", "text/plain"),
