@@ -26,6 +26,7 @@ JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")
 _URLSAFE = bytes.maketrans(b"-_ ", b"+/+")
 _FIRST_CHAR = re.compile(r"\s*(\S)")
+_NDJSON_LINE_END = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e]")
 
 
 def parse_pairs(text, into):
@@ -76,10 +77,10 @@ def read_params(query_string, content_type, body):
         if media in JSON_TYPES:
             params["data"] = _text(body)
         elif media in NDJSON_TYPES:
-            # One record per line (/import's bulk format) becomes one JSON array.
-            # Split at LF only: JSON strings may hold U+2028, U+2029 or U+0085 raw, which
-            # str.splitlines() would take for line ends.
-            lines = [line for line in _text(body).split("\n") if line.strip()]
+            # One record per line (/import's bulk format) becomes one JSON array.  Lines
+            # end where str.splitlines() ends them, except at U+0085, U+2028 and U+2029:
+            # JSON strings may hold those raw, never the control characters.
+            lines = [line for line in _NDJSON_LINE_END.split(_text(body)) if line.strip()]
             params["data"] = "[" + ",".join(lines) + "]"
         elif media in FORM_TYPES or media.startswith("text/"):
             parse_pairs(_text(body), params)

@@ -2,6 +2,7 @@
 exactly what the reference paths (simplejson in, the standard library's C encoder out)
 give, on generated values and on the texts where the libraries are known to differ;
 decode.b64decode gives what it gave before it skipped its needless copies."""
+import base64
 import json
 import math
 
@@ -141,10 +142,27 @@ def test_b64decode_is_the_reference(value):
     assert outcome(decode.b64decode, value) == reference_b64decode(value)
 
 
+def _edited(encoded, edits):
+    """`encoded` with each (position, byte) of `edits` written over it (modulo its length)."""
+    raw = bytearray(encoded)
+    for pos, byte in edits:
+        if raw:
+            raw[pos % len(raw)] = byte
+    return bytes(raw)
+
+
+# Long valid encodings with a few bytes overwritten: pybase64's SIMD loop only runs on
+# inputs of several dozen bytes, and those are what batches send.
+_LONG_EDITED = st.builds(
+    _edited, st.binary(min_size=30, max_size=400).map(base64.b64encode),
+    st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(b"=\n ?\x80-_A+/\x00")),
+             max_size=3))
+
+
 @settings(max_examples=3000, deadline=None)
 @given(st.binary(max_size=24) | st.lists(st.sampled_from(
     [b"QQ", b"QUI", b"QUJD", b"=", b"==", b"+", b"/", b"?", b" ", b"\n", b"A", b"w"]),
-    max_size=10).map(b"".join))
+    max_size=10).map(b"".join) | _LONG_EDITED)
 def test_pybase64_never_accepts_what_binascii_strict_refuses(raw):
     """decode.b64decode tries pybase64 first: whatever it accepts, binascii's strict mode
     (the reference, which decides every refusal) accepts too, with the same bytes."""
@@ -223,10 +241,15 @@ def list_depth(records):
     return depth
 
 
-def test_ndjson_lines_end_at_line_feeds_only():
-    body = '{"event":"a\u2028b\u0085c","properties":{}}\r\n\n{"event":"d","properties":{}}\n'
+def test_ndjson_lines_end_at_control_characters_only():
+    """Records end at LF, CR, CRLF, VT, FF or FS/GS/RS (as str.splitlines() ends them),
+    never at U+0085, U+2028 or U+2029, which a JSON string may hold raw."""
+    body = ('{"event":"a\u2028b\u0085c\u2029","properties":{}}\r\n\n'
+            '{"event":"d","properties":{}}\r{"event":"e","properties":{}}\x0c'
+            '{"event":"f","properties":{}}\n')
     params = decode.read_params("", "application/x-ndjson", body.encode("utf-8"))
-    assert [r["event"] for r in decode.decode_data(params["data"])] == ["a\u2028b\u0085c", "d"]
+    assert [r["event"] for r in decode.decode_data(params["data"])] == [
+        "a\u2028b\u0085c\u2029", "d", "e", "f"]
 
 
 def reference_parse_pairs(text):
