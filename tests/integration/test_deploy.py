@@ -291,10 +291,15 @@ def test_nginx_answers_its_own_errors_in_the_api_shape(tmp_path):
     nginx = Proc("nginx", [sys.executable, LAUNCH, "nginx"], str(tmp_path / "logs"), env=env,
                  cwd=str(tmp_path))
     nginx.start().wait_port("127.0.0.1", port)
-    # The master listens before it forks its workers: poll for them, or the check at the
-    # end could pass on an empty list.
-    workers = wait_until(lambda: child_pids(nginx.pid), timeout=5,
-                         message="nginx's worker processes")
+    # The master listens before it forks its workers: poll for them (worker_processes
+    # auto: one per core, at least one per core this test may run on), or the check at
+    # the end could pass on a partial list.
+    cores = len(os.sched_getaffinity(0))
+
+    def all_workers():
+        pids = child_pids(nginx.pid)
+        return pids if len(pids) >= cores else None
+    workers = wait_until(all_workers, timeout=5, message="nginx's %d workers" % cores)
     try:
         resp = roundtrip(port, b"POST /track HTTP/1.1\r\nHost: x\r\n"
                                b"Content-Type: application/x-www-form-urlencoded\r\n"

@@ -104,7 +104,10 @@ def test_export_moves_every_item_once_and_a_second_run_finds_nothing(tmp_path, t
         check_all_there(sent, sum(per_server.values(), []), queue)
         if queue == "events":
             shares = [len(v) for v in per_server.values()]
-            assert min(shares) > 300, shares      # put_many rotates over the cluster
+            # put_many starts each call one server further, so both servers get items;
+            # how many each gets follows the batch sizes, which follow timing (one lane's
+            # item or all of them): 791/209 was seen on a loaded machine.
+            assert len(shares) == 2 and min(shares) > 0, shares
     assert os.path.isdir(data) and holders(data) == []
     again = export(data, ",".join(cluster))
     assert again.returncode == 0, again.stdout + again.stderr
