@@ -63,7 +63,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
       early and silently drop the headers after it, including Content-Length) is
       refused: otherwise the rest is read as a second request (request smuggling).
     - Content-Length must be plain digits and appear once; Transfer-Encoding must be one
-      line that says `chunked`.
+      line that says `chunked`; no header line may hold a lone CR.
     - The header block must arrive within the read timeout as a whole (slow-loris).
     """
 
