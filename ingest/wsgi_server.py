@@ -62,7 +62,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
       early and silently drop the headers after it, including Content-Length) is
       refused: otherwise the rest is read as a second request (request smuggling).
     - Content-Length must be plain digits and appear once; Transfer-Encoding must be one
-      line that says `chunked`; no header line may hold a lone CR.
+      line that says `chunked`, and only from HTTP/1.1; no header line may hold a lone CR.
     - The header block must arrive within the read timeout as a whole (slow-loris).
     """
 
@@ -174,9 +174,12 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         # LF only): str.strip() would also take a trailing NBSP or form feed away here
         # while the input stream saw "chunked\xa0", not chunked, and read the body as
         # the next request.
+        # An HTTP/1.0 message has no chunked framing: RFC 9112 6.1 says to treat a
+        # Transfer-Encoding in one as faulty framing.
         codings = headers.get_all("Transfer-Encoding") or ()
-        if len(codings) > 1 or (
-                codings and codings[0].strip(" \t\r\n").lower() != "chunked"):
+        if len(codings) > 1 or (codings and (
+                codings[0].strip(" \t\r\n").lower() != "chunked"
+                or self.request_version == "HTTP/1.0")):
             self.send_error(400)
             return False
         if self.server.app.state.draining:

@@ -490,6 +490,17 @@ def test_repeated_transfer_encoding_lines_get_400_not_a_smuggled_request(default
     assert closed
 
 
+def test_transfer_encoding_from_http_1_0_gets_400(default_worker):
+    """HTTP/1.0 has no chunked framing (RFC 9112 6.1: faulty framing): a 1.0 front end
+    and this worker would disagree on where the body ends."""
+    data = ("data=" + b64_json(event())).encode()
+    raw = (b"POST /track HTTP/1.0\r\nHost: x\r\nContent-Type: text/plain\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+    resp, closed = exchange(default_worker.port, raw)
+    assert_clean(resp, 400)
+    assert closed
+
+
 @pytest.mark.parametrize("tail", [b"\xa0", b"\x85", b"\x0b", b"\x0c", b"\x1c", b"\x1f"])
 def test_transfer_encoding_with_odd_trailing_whitespace_gets_400(default_worker, tail):
     """`chunked` followed by a character str.strip() removes but the environ keeps: the
