@@ -136,6 +136,7 @@ class Consumer:
             if starting:
                 self._start_reads(now, deadline)
                 first = False
+                now = self.clock()     # a read just sent with /t=0 is due already
             if not self.waiting and not self._count(ENDING):
                 # Nothing can arrive: the time is up, the budget is spent, the caller
                 # holds every item it may have, or no server is healthy.
@@ -143,10 +144,11 @@ class Consumer:
                     return []
                 raise KestrelUnavailable("no Kestrel server could be read for %s"
                                          % self.queue)
-            # Past the deadline, still take the replies due by then (a read sent with
-            # /t=0 answers at once, one sent with /t=<wait> when its wait ends).
-            if now >= deadline and not self._due_by(deadline):
-                return []
+            # Past the deadline, still wait for the replies due by now (a read sent with
+            # /t=0 answers at once, one sent with /t=<wait> when its wait ends), and take
+            # those that came early (a waiting read answers as soon as an item is there).
+            if now >= deadline and not self._due_by(now):
+                return self._poll(0)
             items = self._poll(self._poll_timeout(now, deadline))
             if items:
                 return items

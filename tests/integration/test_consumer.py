@@ -177,7 +177,7 @@ def test_ingest_consume_with_connections(two_servers):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == len(set(lines)) == 100
-    assert (left(two_servers, "cli"), open_reads(two_servers, "cli")) == (20, 0)
+    settles_at(two_servers, "cli", 20, 0)
     done = _consume("cli", "--kestrel", servers, "--connections", "6", "--timeout-ms", "300")
     assert done.returncode == 0, done.stderr
     everything = lines + done.stdout.splitlines()
@@ -185,6 +185,22 @@ def test_ingest_consume_with_connections(two_servers):
         json.loads(x)["n"] for x in items(60, "a") + items(60, "b"))
     bad = _consume("cli", "--connections", "0")
     assert bad.returncode == 2 and "--connections" in bad.stderr
+
+
+def test_a_zero_wait_takes_the_items_already_there(queue_server):
+    """fetch(0) and `--timeout-ms 0` wait for no item to arrive, but read those queued:
+    a lane's /t=0 read answers at once (they once returned nothing, past their deadline
+    before the first reply was read)."""
+    addr = queue_server.address
+    fill(addr, "now", items(5))
+    with Consumer([addr], "now", connections=2) as consumer:
+        got = consumer.fetch(0)
+        assert 1 <= len(got) <= 2, got
+        consumer.confirm(got)
+    settles_at([queue_server], "now", 5 - len(got), 0)
+    done = _consume("now", "--kestrel", addr, "--timeout-ms", "0")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 5 - len(got), done.stdout
 
 
 def test_ingest_consume_returns_every_unwritten_item(queue_server, tmp_path):
