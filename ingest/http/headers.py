@@ -23,7 +23,8 @@ _LINE = re.compile(r"([^:]+):[ \t]*([^\r\n]*)\r?\n")
 
 
 class PlainHeaders:
-    """The parts of email.message.Message that the worker's HTTP stack uses."""
+    """The parts of email.message.Message that the worker's HTTP stack uses: get,
+    get_all, get_content_type, defects and _headers."""
 
     __slots__ = ("_headers", "_first")
 
@@ -51,18 +52,6 @@ class PlainHeaders:
             return "text/plain"
         main = value.split(";", 1)[0].strip().lower()
         return main if main.count("/") == 1 else "text/plain"
-
-    def __contains__(self, name):
-        return name.lower() in self._first
-
-    def __getitem__(self, name):
-        return self.get(name)
-
-    def items(self):
-        return list(self._headers)
-
-    def keys(self):
-        return [k for k, _ in self._headers]
 
 
 def parse_plain(lines):

@@ -482,9 +482,10 @@ _BAD_FRAMING = {
     # does not read as chunked (`ADD /smuggled` is a valid chunk size and method alike).
     "two lines": b"HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\nADD /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
-    # HTTP/1.0 has no chunked framing (RFC 9112 6.1: faulty framing).
-    "from HTTP/1.0": b"HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"%x\r\n%s\r\n0\r\n\r\n" % (len(_CHUNK), _CHUNK),
+    # HTTP/1.0 has no chunked framing (RFC 9112 6.1: faulty framing), however spelled.
+    **{"from %s" % version.decode(): version + b"\r\nHost: x\r\nTransfer-Encoding: chunked"
+       b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_CHUNK), _CHUNK)
+       for version in (b"HTTP/1.0", b"HTTP/1.00", b"HTTP/01.0", b"HTTP/0.9")},
     # A lone CR ends a line for the email parser: a Transfer-Encoding a proxy that keeps
     # the line whole never saw would frame the body here.
     "lone CR in a value": b"HTTP/1.1\r\nHost: x\r\nX-A: a\rTransfer-Encoding: chunked\r\n"
