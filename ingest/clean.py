@@ -108,7 +108,7 @@ def _event_time(props, ctx, importing):
     if t is None:
         if importing:
             raise RecordRejected("missing_time", "properties.time")
-        props["time"] = round(ctx.now, 3)
+        props["time"] = ctx.now_rounded
         return
     # The bound keeps t / 1000.0 from overflowing on a 400-digit integer.
     if not _number(t) or not -MAX_TIME_MAGNITUDE < t < MAX_TIME_MAGNITUDE:
@@ -119,13 +119,13 @@ def _event_time(props, ctx, importing):
     if importing:
         if t < IMPORT_MIN_TIME_S:
             raise RecordRejected("time_too_old", "properties.time", "before_1971")
-        if t > ctx.now + MAX_FUTURE_S:
+        if t > ctx.latest:
             raise RecordRejected("time_in_future", "properties.time")
     else:
-        if t < ctx.now - MAX_AGE_S:
+        if t < ctx.oldest:
             raise RecordRejected("time_too_old", "properties.time")
-        if t > ctx.now + MAX_FUTURE_S:
-            props["time"] = round(ctx.now, 3)
+        if t > ctx.latest:
+            props["time"] = ctx.now_rounded
 
 
 def clean_event(record, ctx, importing=False):
