@@ -42,7 +42,7 @@ import subprocess
 import threading
 import time
 
-from testkit.procs import Proc
+from testkit.procs import Proc, pid_alive
 
 PREFIX = "ikt"
 SUBNET = "10.77.0"           # /24 inside the bed; hosts get .10, .11, ...
@@ -78,14 +78,6 @@ def ns_pids(ns):
         return []
 
 
-def _pid_alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def kill_and_delete(names, timeout=10.0):
     """SIGKILL every process inside `names`, wait until they are gone, delete them."""
     for ns in names:
@@ -96,7 +88,7 @@ def kill_and_delete(names, timeout=10.0):
                 pass
     deadline = time.monotonic() + timeout
     for ns in names:
-        while any(_pid_alive(p) for p in ns_pids(ns)) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in ns_pids(ns)) and time.monotonic() < deadline:
             time.sleep(0.02)   # poll interval: the kernel reaps them
     for ns in names:
         _ip("netns", "del", ns, check=False)
@@ -107,7 +99,7 @@ def sweep():
     stale = []
     for ns in namespaces():
         m = _NAME.match(ns)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             stale.append(ns)
     # Hosts first, the switch (which holds the bridge) last.
     stale.sort(key=lambda n: n.endswith("-switch"))

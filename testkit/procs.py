@@ -103,6 +103,16 @@ def peak_rss_kib(pid):
     return _status_kib(pid, "VmHWM")
 
 
+def pid_alive(pid):
+    """True while `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def open_fds(pid):
     """How many file descriptors `pid` has open (sockets included)."""
     return len(os.listdir("/proc/%d/fd" % pid))

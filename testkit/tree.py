@@ -18,6 +18,7 @@ import sys
 import xmlrpc.client
 
 from testkit.payloads import write_routes
+from testkit.procs import pid_alive
 from testkit.procs import ROOT, Proc, free_port, port_open, wait_until
 
 LAUNCH = os.path.join(ROOT, "deploy", "launch.py")
@@ -61,16 +62,6 @@ def free_port_run(n, attempts=200, exclude=()):
         if base + n <= 65535 and not set(ports) & set(exclude) and all(map(_bindable, ports)):
             return base
     raise AssertionError("no run of %d free ports found" % n)
-
-
-def pid_alive(pid):
-    """True while `pid` exists and is not a zombie waiting to be reaped."""
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
 
 
 def child_pids(pid):

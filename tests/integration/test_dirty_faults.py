@@ -22,11 +22,10 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from testkit.load import Load, track_body, track_query
 from testkit.procs import (QueueServer, Worker, fill_disk as fill, ingest_argv, open_fds,
-                           rss_kib, wait_until)
+                           peak_rss_kib, rss_kib, wait_until)
 from testkit.rawhttp import closed_by_peer, connect, read_response, request
 
 from .test_no_loss import (FAST, check_no_loss, collect, http_get, procs,  # noqa: F401
@@ -129,14 +128,6 @@ def issue_shaped_gzip(records, properties):
     events = [{"event": "e", "properties": dict(props, token="t", distinct_id="d%d" % i)}
               for i in range(records)]
     return gzip.compress(b"data=" + json.dumps(events, separators=(",", ":")).encode())
-
-
-def peak_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
 
 
 def test_small_gzip_requests_cannot_exhaust_a_workers_memory(tmp_path, procs):

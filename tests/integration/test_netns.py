@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from testkit import netns
-from testkit.procs import ROOT, wait_until
+from testkit.procs import ROOT, pid_alive, wait_until
 
 SCRIPT = """
 import os, signal, sys, time
@@ -56,7 +56,7 @@ def run_script(tmp_path, how):
 
 
 def alive(pid):
-    return netns._pid_alive(pid)
+    return pid_alive(pid)
 
 
 @pytest.mark.parametrize("how", ["raise", "interrupt"])

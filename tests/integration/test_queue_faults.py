@@ -7,7 +7,6 @@ queue cap, and --config files that used to crash the server.
 """
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -86,23 +85,9 @@ def test_flipped_byte_in_the_read_behind_part_is_found_when_read_back(tmp_path):
 
 # ---- full disk ---------------------------------------------------------------------------
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MiB tmpfs (root only); unmounted afterwards."""
-    mnt = str(tmp_path / "disk")
-    os.makedirs(mnt)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): %s" % done.stderr.strip())
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
-
-
-def fill_disk(mnt, leave):
-    """A filler file that leaves about `leave` bytes free on the filesystem."""
+def fill_disk_leaving(mnt, leave):
+    """A filler file that leaves about `leave` bytes free on the filesystem
+    (testkit.procs.fill_disk fills it whole); `small_disk` is conftest's 8 MiB tmpfs."""
     st = os.statvfs(mnt)
     free = st.f_bavail * st.f_frsize
     with open(os.path.join(mnt, "filler"), "wb") as fh:
@@ -118,7 +103,7 @@ def test_full_disk_answers_every_request_and_loses_nothing(tmp_path, small_disk)
         w = Wire(server)
         items = make_items(4000)                                  # a 4 MiB journal
         put(w, "full", items)
-        filler = fill_disk(small_disk, 256 * 1024)
+        filler = fill_disk_leaving(small_disk, 256 * 1024)
         # Draining makes the journal mostly dead: its rewrite needs ~1 MiB and fails.
         assert get_many(w, "full", 3200) == items[:3200]
         wait_until(lambda: "rewrite abandoned" in server.proc.output(), timeout=10,
