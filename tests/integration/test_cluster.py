@@ -115,8 +115,7 @@ def cut_a_queue_host(cluster, load, recorder):
     recorder.start()
     check_stats_during_cut(cluster, q1_address)
     acked_at_cut = load.result.acked_count
-    wait_until(lambda: time.monotonic() - cut_at >= CUT_S, timeout=CUT_S + 5,
-               interval=0.1, message="the end of the cut")
+    time.sleep(max(0.0, CUT_S - (time.monotonic() - cut_at)))  # the fault's length, not a wait
     assert load.result.acked_count > acked_at_cut + 1000, "no traffic while q1 was cut off"
     assert recorder.count() > 1000, "the consumer stalled on the cut-off host"
     cluster.bed.restore(q1)

@@ -246,10 +246,12 @@ def test_ndjson_lines_end_at_control_characters_only():
     never at U+0085, U+2028 or U+2029, which a JSON string may hold raw."""
     body = ('{"event":"a\u2028b\u0085c\u2029","properties":{}}\r\n\n'
             '{"event":"d","properties":{}}\r{"event":"e","properties":{}}\x0c'
-            '{"event":"f","properties":{}}\n')
+            '{"event":"f","properties":{}}\x0b{"event":"g","properties":{}}\x1c'
+            '{"event":"h","properties":{}}\x1d{"event":"i","properties":{}}\x1e'
+            '{"event":"j","properties":{}}\n')
     params = decode.read_params("", "application/x-ndjson", body.encode("utf-8"))
     assert [r["event"] for r in decode.decode_data(params["data"])] == [
-        "a\u2028b\u0085c\u2029", "d", "e", "f"]
+        "a\u2028b\u0085c\u2029", "d", "e", "f", "g", "h", "i", "j"]
 
 
 def reference_parse_pairs(text):
