@@ -353,7 +353,8 @@ def _report(out, err, directory, left, total, queue_count, lost):
               % (total, queue_count, directory, remaining))
     if lost:
         err.write("ingest queue export: %d confirms did not reach the queue server: those"
-                  " items are in the cluster and may be sent again by a later run\n" % lost)
+                  " items are in the cluster and went back to the queue, so this run or a"
+                  " later one may have sent them again (duplicates)\n" % lost)
     if remaining:
         err.write("ingest queue export: %s still holds %d items: run it again\n"
                   % (directory, remaining))

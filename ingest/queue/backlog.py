@@ -113,7 +113,7 @@ class Backlog:
                 return self._damaged(out, spent, base + end, True)
             record = buf[p:end]
             out.append(record)
-            spent += len(record) + ITEM_OVERHEAD
+            spent += cost(record)
             self._taken(base + end, length)
         return out, spent
 

@@ -12,7 +12,6 @@ read while the file changed under them: a read counts only if the journal's gene
 the queue's backlog and the end of its read buffer are still those it started from.
 """
 import collections
-import logging
 import os
 import posix
 
@@ -22,7 +21,6 @@ from eventlet import tpool
 
 from ingest.queue import journal as jr
 
-log = logging.getLogger("ingest.queue")
 
 # PERF: items are moved into memory at most this many bytes at a time, then the loop
 # serves others: moving a 1 MiB read took up to 4 ms of CPU (5-18 ms of wall clock on

@@ -43,7 +43,7 @@ import zlib
 
 from ingest.fileio import fsync_dir
 from ingest.queue import journal as jr
-from ingest.queue.backlog import ITEM_OVERHEAD
+from ingest.queue.backlog import cost
 from ingest.queue.journal import ADD_BODY_MIN, HEADER, HEADER_BYTES, OP_ADD
 
 log = logging.getLogger("ingest.queue.journal")
@@ -380,12 +380,12 @@ class _Replay:
     def memory(self, memory_bytes):
         """The fast path's result: the head and the oldest items up to the bound."""
         items = list(self.head)
-        spent = sum(len(r) + ITEM_OVERHEAD for r in items)
+        spent = sum(map(cost, items))
         stream = self.stream
         while stream.items and (spent < memory_bytes or not items):
             record = stream.next(True)
             items.append(record)
-            spent += len(record) + ITEM_OVERHEAD
+            spent += cost(record)
         backlog = (stream.pos, stream.items, stream.bytes) if stream.items else None
         return items, backlog
 
