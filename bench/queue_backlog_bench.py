@@ -13,7 +13,7 @@ with `max_memory_bytes` = --bound-mib for every queue, a data directory under /t
    to the first answered `get` with the whole backlog on disk;
 3. drains the queue with pipelined gets (100 per write), checking every item comes back
    once and in order: gets/s while behind and once the backlog is read;
-4. throughout: the server's peak RSS (sampled every 20 ms) and the event loop's stalls,
+4. throughout: the server's peak RSS (sampled every 5 ms) and the event loop's stalls,
    the round trip of a `version` sent every 10 ms on a separate connection (max and
    99th percentile), which shows whether journal rewrites or reading back hold the loop.
 

@@ -19,7 +19,7 @@ where the next person should look.
 Further modes (each reported after the ratios):
 
     --open-loop   latency at 75% of each shape's measured capacity, paced: 50 wrk
-                  connections each waiting a fixed delay before every request (closed-loop
+                  connections each waiting a random delay before every request (closed-loop
                   p99 at 100 connections is only connections / throughput); the
                   hello-world at the same rate beside it
     --soak N      worker RSS after N events of batch50, and after --wide connections
@@ -32,7 +32,6 @@ It needs wrk (Debian package `wrk`); it only talks to 127.0.0.1 and stops every 
 it started by pid.
 """
 import argparse
-import base64
 import json
 import os
 import re
@@ -43,8 +42,10 @@ import sys
 import tempfile
 import time
 
-from testkit.procs import (LOOPBACK, Proc, QueueServer, Worker, cpu_seconds, free_port,
-                           peak_rss_kib, pinned, rss_kib)
+from bench import replay
+from testkit.payloads import b64_json
+from testkit.procs import (LOOPBACK, QueueServer, Worker, cpu_seconds, peak_rss_kib, pinned,
+                           rss_kib)
 
 SERVER_CPU, LOAD_CPU = 0, 1
 TOKEN = "wrk-bench"
@@ -58,16 +59,12 @@ def event(i):
         "plan": "premium", "amount": 12.5, "source": "landing-page"}}
 
 
-def b64(value):
-    return base64.b64encode(json.dumps(value, separators=(",", ":")).encode()).decode()
-
-
 def shape(name):
     """(path, form body or None for a GET, events per request)."""
     if name == "single":
-        return "/track?ip=1&data=" + b64(event(1)), None, 1
+        return "/track?ip=1&data=" + b64_json(event(1)), None, 1
     if name == "batch50":
-        return "/track?ip=1", "data=" + b64([event(i) for i in range(50)]), 50
+        return "/track?ip=1", "data=" + b64_json([event(i) for i in range(50)]), 50
     raise SystemExit("unknown shape %r" % name)
 
 
@@ -127,11 +124,9 @@ def measure(pid, port, shape, args, workdir, queue=None):
 
 
 def start_hello(workdir):
-    port = free_port()
-    argv = [sys.executable, "-W", "ignore", "-m", "bench.hello", "--port", str(port)]
-    proc = Proc("hello", pinned(SERVER_CPU, argv), os.path.join(workdir, "logs"))
-    proc.start().wait_port(LOOPBACK, port)
-    return proc, port
+    """bench.hello on core 0: (its Proc, its port)."""
+    proc, url = replay.start_hello(SERVER_CPU, os.path.join(workdir, "logs"))
+    return proc, int(url.rsplit(":", 1)[1])
 
 
 def start_worker(workdir, queue, profile=None):
