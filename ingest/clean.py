@@ -12,6 +12,10 @@ MAX_AGE_S = 5 * 24 * 3600        # /track refuses events older than this (/impor
 MAX_FUTURE_S = 3600              # later than this is clamped (track) or refused (import)
 IMPORT_MIN_TIME_S = 31536000     # 1971-01-01: /import refuses anything earlier
 MAX_TIME_MAGNITUDE = 1e15        # far beyond any real time in ms; bigger is not a time
+_TIME_MIN = -MAX_TIME_MAGNITUDE
+# The same bounds as integers (exact: both are whole numbers below 2**53).
+_INT_TIME_MAX, _INT_MS_THRESHOLD = int(MAX_TIME_MAGNITUDE), int(MS_THRESHOLD)
+_INT_TIME_MIN = -_INT_TIME_MAX
 
 # Every operation an official SDK sends (docs/http-api.md has the table by SDK): $merge is
 # Android's People.merge(); no SDK sends $add, $append or $merge to /groups.
@@ -155,8 +159,19 @@ def clean_track(record, ctx):
         return _clean_event_checked(record, ctx, False)
     t = props.get("time")
     kind = type(t)
-    if t is not None and not ((kind is int or kind is float) and
-                              -MAX_TIME_MAGNITUDE < t < MAX_TIME_MAGNITUDE):
+    # PERF: an integer time (the usual milliseconds) is compared with integer bounds and
+    # divided by an integer: an int of two digits (any time in ms) against a float goes
+    # through _PyLong_Frexp, three times per event (-3% of a 50-event batch's
+    # instructions).  t / 1000 is t / 1000.0 for every |t| < 2**53.
+    if kind is int:
+        if not _INT_TIME_MIN < t < _INT_TIME_MAX:
+            return _clean_event_checked(record, ctx, False)
+        seconds = t / 1000 if t > _INT_MS_THRESHOLD else t
+    elif kind is float:
+        if not _TIME_MIN < t < MAX_TIME_MAGNITUDE:
+            return _clean_event_checked(record, ctx, False)
+        seconds = t / 1000.0 if t > MS_THRESHOLD else t
+    elif t is not None:
         return _clean_event_checked(record, ctx, False)
     if ctx.values_checked:
         check_values(props, ctx, "properties")
@@ -165,12 +180,11 @@ def clean_track(record, ctx):
     if t is None:
         props["time"] = ctx.now_rounded
     else:
-        if t > MS_THRESHOLD:
-            t = t / 1000.0
-            props["time"] = t
-        if t < ctx.oldest:
+        if seconds is not t:
+            props["time"] = seconds
+        if seconds < ctx.oldest:
             raise RecordRejected("time_too_old", "properties.time")
-        if t > ctx.latest:
+        if seconds > ctx.latest:
             props["time"] = ctx.now_rounded
     props["mp_processing_time_ms"] = ctx.now_ms
     if ctx.ip is not None and "ip" not in props:

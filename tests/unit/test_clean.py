@@ -449,7 +449,8 @@ from ingest.clean import _clean_event_checked, clean_event  # noqa: E402
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 16, 10 ** 16),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5),
                     st.sampled_from([1795662710, 1795662710123, 1795000000.5, 10 ** 15,
-                                     -1, "1795662710", True]))
+                                     10 ** 15 - 1, -10 ** 15 + 1, 10 ** 11, 10 ** 11 + 1,
+                                     1e11, 100000000000.5, -1, "1795662710", True]))
 _value = st.recursive(_scalar, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
     max_leaves=8)
@@ -480,6 +481,21 @@ def test_the_track_fast_path_cleans_as_the_full_checks_do(record, ip, max_string
                   data_chars=200)
     assert _outcome(clean_event, record, ctx) == \
         _outcome(lambda r, c: _clean_event_checked(r, c, False), record, ctx)
+
+
+@pytest.mark.parametrize("t", [10 ** 11, 10 ** 11 + 1, 1e11, 100000000000.5, 10 ** 15 - 1,
+                               10 ** 15, -10 ** 15 + 1, -10 ** 15, 1e15, -1e15, 1795662710,
+                               1795662710123, 1795662710123.5, 1795662711, True, 0, -0.0])
+def test_the_track_fast_path_reads_times_at_the_bounds_as_the_full_checks_do(t):
+    """Integer times are compared with integer bounds on the fast path (clean.py PERF):
+    the same numbers, so every time at and around them gets the same outcome and type."""
+    ctx = Context(1795662710.123456, None, data_chars=200)
+    record = {"event": "e", "properties": {"token": "t", "time": t}}
+    fast = _outcome(clean_event, record, ctx)
+    checked = _outcome(lambda r, c: _clean_event_checked(r, c, False), record, ctx)
+    assert fast == checked
+    if fast[0] == "ok":     # 1.0 == 1, but they are written differently
+        assert type(fast[2]["properties"]["time"]) is type(checked[2]["properties"]["time"])
 
 
 @pytest.mark.parametrize("fillers", [0, 1, 30])
