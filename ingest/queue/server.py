@@ -155,6 +155,15 @@ class QueueServer:
             child.add(record, size, now_ms)
         return ok
 
+    def store_many(self, q, datas, exptime, now_ms):
+        """store() of each of `datas` in turn: the list of their outcomes."""
+        records = jr.encode_adds(datas, now_ms, proto.expiry_ms(exptime, now_ms))
+        sizes = list(map(len, datas))
+        oks = q.add_many(records, sizes, now_ms)
+        for child in q.children:
+            child.add_many(records, sizes, now_ms)
+        return oks
+
     def reload(self):
         config = load_config(self.config_path, self.max_item_bytes)
         self.config = config
