@@ -2,6 +2,8 @@
 that does not move with the machine's load, for judging a change to the hot path.
 
     python -m bench.instructions [--shapes single,batch50] [--kestrel] [--requests 200]
+    python -m bench.instructions --processes [--shapes single,batch50] [--requests 200]
+    python -m bench.instructions --queue [--requests 200]
 
 wrk_bench's rates vary by 10-20 % between runs on a shared VM, more than most single
 changes save; the number of instructions a request executes does not.  For each shape
@@ -14,11 +16,28 @@ User-space instructions only: no HTTP parsing, no kernel, no eventlet hub.
 `--kestrel`: the records go to a bundled queue (started on a free loopback port, stopped
 at the end) through the Kestrel client instead of a MemorySink, so the client's share is
 counted too.  Needs valgrind (Debian package `valgrind`); about 20 s per shape.
+
+Two whole-process modes, each about a minute per shape:
+
+`--processes`: the whole `ingest serve` process (HTTP parsing, eventlet, the app, the
+Kestrel client writing to a bundled queue) and, beside it, the bare hello-world
+(bench.hello), each under callgrind, sent the shape's requests one after another on one
+keep-alive connection.  Under wrk's load the worker's Kestrel writes carry many
+requests each; here every request makes its own, so the worker's count is an upper bound.
+The processes' timers keep running while valgrind slows them: repeat runs differ by a
+few per cent.
+
+`--queue`: the bundled `ingest queue` under callgrind, sent batches of 50 `set`s of the
+batch shape's cleaned event (what a worker writes), one batch at a time: instructions
+per set.
 """
 import argparse
 import io
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,6 +118,96 @@ def _instructions(shape, count, address):
     raise SystemExit("valgrind gave no count:\n" + out.stderr[-2000:])
 
 
+def _process_count(argv, drive):
+    """Instructions of `argv` (a python -m ... command listening on a loopback port that
+    it takes as its last argument) run under callgrind, serving `drive(port)`, then
+    stopped with SIGTERM."""
+    from testkit.procs import LOOPBACK, free_port, port_open
+    port = free_port()
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                             sys.executable, "-W", "ignore", "-m"] + argv + [str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_open(LOOPBACK, port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("%s did not start under valgrind" % argv[0])
+            time.sleep(0.2)  # poll interval: valgrind takes seconds to start Python
+        drive(LOOPBACK, port)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    for line in err.splitlines():
+        if "Collected :" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise SystemExit("valgrind gave no count:\n" + err[-2000:])
+
+
+def _exchange(host, port, request, count, answer_ends):
+    """Send `request` `count` times on one connection, each after the previous answer
+    (recognised by its last bytes, `answer_ends`) came back whole."""
+    with socket.create_connection((host, port), timeout=120) as sock:
+        for _ in range(count):
+            sock.sendall(request)
+            got = b""
+            while not got.endswith(answer_ends):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise SystemExit("connection closed after %r" % got[-200:])
+                got += chunk
+
+
+def http_request(shape):
+    from bench.wrk_bench import shape as shape_of
+    path, form, _events = shape_of(shape)
+    if form is None:
+        return ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode()
+    return ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            "application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+            % (path, len(form), form)).encode()
+
+
+def per_process_request(shape, requests, queue_address=None):
+    """Instructions per request of `ingest serve` (or of bench.hello without a queue)."""
+    if queue_address:
+        argv = ["ingest", "serve", "--kestrel", queue_address, "--host", "127.0.0.1",
+                "--port"]
+    else:
+        argv = ["bench.hello", "--host", "127.0.0.1", "--port"]
+    request = http_request(shape)
+    counts = [_process_count(argv, lambda host, port, n=n: _exchange(
+        host, port, request, n, b"\r\n\r\n1")) for n in (WARM_REQUESTS, WARM_REQUESTS + requests)]
+    return (counts[1] - counts[0]) / float(requests)
+
+
+def queue_batch():
+    """50 `set`s of the batch shape's event, cleaned as a worker writes it."""
+    from bench.wrk_bench import event
+    record = event(1)
+    record["properties"].update(time=1795662710.123, mp_processing_time_ms=1795662710123,
+                                ip="127.0.0.1")
+    data = json.dumps(record, separators=(",", ":")).encode()
+    return b"set events 0 0 %d\r\n%s\r\n" % (len(data), data) * 50
+
+
+def per_queue_set(batches, workdir):
+    argv = ["ingest", "queue", "--data", workdir, "--sync-ms", "100", "--host", "127.0.0.1",
+            "--port"]
+    batch = queue_batch()
+    counts = []
+    for n in (WARM_REQUESTS, WARM_REQUESTS + batches):
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.makedirs(workdir)
+        counts.append(_process_count(argv, lambda host, port, n=n: _exchange(
+            host, port, batch, n, b"STORED\r\n" * 50)))
+    return (counts[1] - counts[0]) / float(batches * 50)
+
+
 def per_request(shape, requests, address=None):
     few = _instructions(shape, WARM_REQUESTS, address)
     many = _instructions(shape, WARM_REQUESTS + requests, address)
@@ -115,15 +224,30 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--kestrel", action="store_true",
                    help="through the Kestrel client to a bundled queue, not a MemorySink")
+    p.add_argument("--processes", action="store_true",
+                   help="the whole worker process and the bare hello-world")
+    p.add_argument("--queue", action="store_true",
+                   help="the bundled queue server, per set of 50-set batches")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("bench.instructions needs valgrind (apt-get install valgrind)")
     from bench.wrk_bench import shape as shape_of
     queue, workdir = None, tempfile.mkdtemp(prefix="instructions-")
     try:
-        if args.kestrel:
+        if args.queue:
+            n = per_queue_set(args.requests, os.path.join(workdir, "queue-data"))
+            print("queue    %10.0f instructions per set (batches of 50)" % n, flush=True)
+            return 0
+        if args.kestrel or args.processes:
             from testkit.procs import QueueServer
             queue = QueueServer(workdir, sync_ms=100, quiet=True).start()
+        if args.processes:
+            for shape in args.shapes.split(","):
+                hello = per_process_request(shape, args.requests)
+                worker = per_process_request(shape, args.requests, queue.address)
+                print("%-8s worker process %10.0f, hello-world %8.0f instructions per request"
+                      " (%.2f times)" % (shape, worker, hello, worker / hello), flush=True)
+            return 0
         for shape in args.shapes.split(","):
             n = per_request(shape, args.requests, queue.address if queue else None)
             events = shape_of(shape)[2]
