@@ -119,9 +119,8 @@ def _instructions(shape, count, address):
 
 
 def _process_count(argv, drive):
-    """Instructions of `argv` (a python -m ... command listening on a loopback port that
-    it takes as its last argument) run under callgrind, serving `drive(port)`, then
-    stopped with SIGTERM."""
+    """Instructions of `python -m ARGV PORT` (a server on a loopback port it takes as its
+    last argument) under callgrind, through `drive(host, port)` and until SIGTERM."""
     from testkit.procs import LOOPBACK, free_port, port_open
     port = free_port()
     env = dict(os.environ, PYTHONHASHSEED="0")
@@ -163,6 +162,7 @@ def _exchange(host, port, request, count, answer_ends):
 
 
 def http_request(shape):
+    """The bytes of one HTTP/1.1 request of wrk_bench's `shape`."""
     from bench.wrk_bench import shape as shape_of
     path, form, _events = shape_of(shape)
     if form is None:
