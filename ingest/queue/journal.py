@@ -168,6 +168,10 @@ class Journal:
         self.pending.append(record)
         self.pending_bytes += len(record)
 
+    def extend(self, records):
+        self.pending.extend(records)
+        self.pending_bytes += sum(map(len, records))
+
     def write(self):
         """Write everything buffered with one os.write (looping only on a short write).
 

@@ -137,9 +137,7 @@ class Queue:
             self.mem_bytes += total
             self.bytes += total
             self.total_items += len(records)
-            journal = self.journal
-            journal.pending.extend(records)
-            journal.pending_bytes += sum(map(len, records))
+            self.journal.extend(records)
             self.owner.touched.add(self)
             return [True] * len(records)
         return [self.add(record, size, now_ms) for record, size in zip(records, sizes)]
