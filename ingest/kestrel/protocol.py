@@ -310,6 +310,8 @@ def parse_stats(lines):
 MAX_LINE_BYTES = 4096
 # memcache exptime rule: below this many seconds it is relative, at or above absolute.
 RELATIVE_EXPIRY_LIMIT_S = 1000000
+# The largest expiry a journal can hold: its records keep the time in ms as an int64.
+MAX_EXPTIME_S = (2 ** 63 - 1) // 1000
 # Storage commands Kestrel refuses with CLIENT_ERROR; their data block is still consumed so
 # the stream stays in sync.
 UNSUPPORTED_STORAGE = frozenset((b"add", b"replace", b"append", b"prepend", b"cas"))

@@ -201,7 +201,8 @@ class Connection:
         sp = buf.rfind(b" ", pos, nl)
         head = buf[pos:sp]
         parts = head.split(b" ")
-        if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()):
+        if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()) or \
+                int(parts[3]) > proto.MAX_EXPTIME_S:
             return pos, 0
         cap, end_of_buf, head_end = self.server.config.buffer_cap, len(buf), len(head)
         max_line = proto.MAX_LINE_BYTES
@@ -235,8 +236,8 @@ class Connection:
             # may refuse the name), the others once it was.
             server.counters["cmd_set"] += 1
             q = server.queue(parts[1])
-            server.counters["cmd_set"] += len(datas) - 1
             oks = server.store_many(q, datas, int(parts[3]), self.now_ms)
+            server.counters["cmd_set"] += len(datas) - 1
             self.out.extend([STORED_REPLY if ok else NOT_STORED_REPLY for ok in oks])
         return pos, need
 
@@ -265,6 +266,8 @@ class Connection:
         try:
             flags, exptime = int(parts[2]), int(parts[3])
         except ValueError:
+            exptime = None
+        if exptime is None or exptime > proto.MAX_EXPTIME_S:
             self.out.append(proto.client_error("bad flags or expiry"))
             return end + 2
         del flags  # parsed for validation, never stored (Kestrel drops flags too)

@@ -157,6 +157,10 @@ class QueueServer:
 
     def store_many(self, q, datas, exptime, now_ms):
         """store() of each of `datas` in turn: the list of their outcomes."""
+        if q.children and any(c.waiters or c.peekers for c in [q] + q.children):
+            # Readers blocked on a fanout parent and its children are woken item by
+            # item, parent then children, as store() does: not all of one queue first.
+            return [self.store(q, data, exptime, now_ms) for data in datas]
         records = jr.encode_adds(datas, now_ms, proto.expiry_ms(exptime, now_ms))
         sizes = list(map(len, datas))
         oks = q.add_many(records, sizes, now_ms)

@@ -169,6 +169,17 @@ def test_non_numeric_flags_is_client_error_without_disconnect(conn):
     assert w.get("flagq") == b"ok"
 
 
+def test_an_expiry_past_what_a_journal_holds_is_client_error_without_disconnect(conn):
+    """A journal record keeps the expiry in ms as an int64: a later one used to kill the
+    connection without an answer, after earlier sets of its batch were journaled."""
+    w = conn()
+    w.send(b"set expq 0 0 2\r\nok\r\nset expq 0 9223372036854776 2\r\nhi\r\n")
+    assert w.line() == b"STORED"
+    assert w.line().startswith(b"CLIENT_ERROR")
+    assert w.set("expq", b"ok2") == b"STORED"
+    assert [w.get("expq"), w.get("expq")] == [b"ok", b"ok2"]
+
+
 # ---- names and illegal requests ---------------------------------------------------------
 
 @pytest.mark.parametrize("line", [

@@ -20,7 +20,10 @@ from ingest.queue.options import ConfigSet
 from ingest.queue.server import QueueServer
 
 CONFIG = {"queues": {"small": {"max_items": 3}, "room": {"max_memory_bytes": 200},
-                     "aged": {"max_age_ms": 5000}}}
+                     "aged": {"max_age_ms": 5000}, "bytes": {"max_bytes": 100},
+                     "full": {"max_items": 2, "discard_old_when_full": True},
+                     "fan": {"max_item_bytes": 30}}}
+MAX_ITEM_BYTES = 64     # items above it are discarded as they stream in (Connection.skip)
 NOW = 1795662710.5
 
 
@@ -30,7 +33,10 @@ def set_command(queue, data, expiry=0, verb=b"set", sep=b" "):
 
 
 _data = st.binary(max_size=40) | st.sampled_from([b"", b"\r\n", b"set x 0 0 1\r\n", b"x" * 90])
-_queue = st.sampled_from([b"events", b"other", b"small", b"room", b"aged", b"fan"])
+_queue = st.sampled_from([b"events", b"other", b"small", b"room", b"aged", b"fan", b"bytes",
+                          b"full"])
+# 9223372036854776 s is past what a journal record can hold (ms in an int64).
+_expiry = st.sampled_from([0, 0, 5, 9223372036854775, 9223372036854776])
 # What may follow a run of sets to one queue: lines that start as the run's lines do but
 # are not the same but for the length, malformed sets, other commands.
 _TAILS = [
@@ -50,12 +56,16 @@ _TAILS = [
     lambda q, e, d: b"version\r\n",
     lambda q, e, d: b"set  0 0 1\r\nx\r\n",
     lambda q, e, d: b"set bad/name 0 0 1\r\nx\r\n",
+    lambda q, e, d: b"set %s 0 %d 0%d\r\r\n%s\r\n" % (q, e, len(d), d),
+    lambda q, e, d: b"set %s 00 0%d %d\r\n%s\r\n" % (q, e, len(d), d),
+    lambda q, e, d: b"set %s 0 %d %d\r\n%s\r\n" % (q, e + 10 ** 16, len(d), d),
+    lambda q, e, d: b"set %s 0 %d %d\r\n%s\r\n" % (q, e, len(d) + 100, d + b"y" * 100),
 ]
 
 
 @st.composite
 def _run(draw):
-    queue, expiry = draw(_queue), draw(st.sampled_from([0, 0, 5]))
+    queue, expiry = draw(_queue), draw(_expiry)
     sets = b"".join(set_command(queue, d, expiry)
                     for d in draw(st.lists(_data, min_size=1, max_size=12)))
     return sets + draw(st.sampled_from(_TAILS))(queue, expiry, draw(_data))
@@ -65,7 +75,7 @@ _stream = st.lists(_run(), max_size=6)
 
 
 def _server(data_dir):
-    srv = QueueServer(data_dir, ConfigSet(CONFIG, 1 << 20), 100)
+    srv = QueueServer(data_dir, ConfigSet(CONFIG, MAX_ITEM_BYTES), 100)
     srv.queue(b"fan+copy")        # a fanout child: sets to `fan` are copied to it
     return srv
 
@@ -75,9 +85,12 @@ def _feed(srv, stream, cuts):
     conn = Connection(srv, None)
     replies, buf, need, last = [], b"", 1, 0
     for cut in sorted(set(cuts)) + [len(stream)]:
-        buf += stream[last:cut]
+        piece = stream[last:cut]
         last = cut
-        if len(buf) < need:
+        if conn.skip:
+            piece = conn._discard(piece)
+        buf += piece
+        if not piece or len(buf) < need:
             continue
         try:
             pos, need = conn.process(buf)
@@ -100,7 +113,7 @@ def _state(srv):
     return srv.counters, queues
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_stream, st.lists(st.integers(0, 2000), max_size=6))
 def test_a_run_of_sets_is_stored_as_each_set_alone_would_be(stream, cuts):
     stream = b"".join(stream)
