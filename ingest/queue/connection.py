@@ -201,8 +201,10 @@ class Connection:
         sp = buf.rfind(b" ", pos, nl)
         head = buf[pos:sp]
         parts = head.split(b" ")
-        if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()) or \
-                int(parts[3]) > proto.MAX_EXPTIME_S:
+        if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()):
+            return pos, 0
+        expiry = int(parts[3])
+        if expiry > proto.MAX_EXPTIME_S:
             return pos, 0
         cap, end_of_buf, head_end = self.server.config.buffer_cap, len(buf), len(head)
         max_line = proto.MAX_LINE_BYTES
@@ -236,7 +238,7 @@ class Connection:
             # may refuse the name), the others once it was.
             server.counters["cmd_set"] += 1
             q = server.queue(parts[1])
-            oks = server.store_many(q, datas, int(parts[3]), self.now_ms)
+            oks = server.store_many(q, datas, expiry, self.now_ms)
             server.counters["cmd_set"] += len(datas) - 1
             self.out.extend([STORED_REPLY if ok else NOT_STORED_REPLY for ok in oks])
         return pos, need
