@@ -52,21 +52,13 @@ def pipeline(shape, kestrel_address=None, worker_gc=True):
     apply the worker's garbage-collector settings to this process."""
     import gc
 
-    from bench import wrk_bench
+    from bench.micro import environ_template
     from ingest import config
     from ingest.http import make_app
     from ingest.sinks.memory import MemorySink
-    path, form, _events = wrk_bench.shape(shape)
-    target, _, query = path.partition("?")
-    body = form.encode() if form is not None else b""
-    env = {"REQUEST_METHOD": "POST" if body else "GET", "SCRIPT_NAME": "", "PATH_INFO": target,
-           "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000",
-           "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "40000",
-           "HTTP_HOST": "127.0.0.1:8000", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
-           "wsgi.errors": sys.stderr}
-    if body:
-        env["CONTENT_TYPE"] = "application/x-www-form-urlencoded"
-        env["CONTENT_LENGTH"] = str(len(body))
+    method, path, content_type, body = _request_parts(shape)
+    env, body = environ_template((method, path.encode(), (content_type or "").encode(), body,
+                                  None))
     if kestrel_address:
         from ingest.kestrel.client import Client
         from ingest.sinks.kestrel import KestrelSink
@@ -161,15 +153,21 @@ def _exchange(host, port, request, count, answer_ends):
                 got += chunk
 
 
-def http_request(shape):
-    """The bytes of one HTTP/1.1 request of wrk_bench's `shape`."""
-    from bench.wrk_bench import shape as shape_of
-    path, form, _events = shape_of(shape)
+def _request_parts(shape):
+    """(method, path, content type or None, body) of one request of wrk_bench's `shape`."""
+    from bench import wrk_bench
+    path, form, _events = wrk_bench.shape(shape)
     if form is None:
-        return ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path).encode()
-    return ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-            "application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
-            % (path, len(form), form)).encode()
+        return "GET", path, None, b""
+    return "POST", path, wrk_bench.FORM, form.encode()
+
+
+def http_request(shape):
+    """The bytes of one keep-alive HTTP/1.1 request of wrk_bench's `shape`."""
+    from testkit import rawhttp
+    method, path, content_type, body = _request_parts(shape)
+    headers = [("Content-Type", content_type)] if content_type else []
+    return rawhttp.request(method, path, headers, body, close=False)
 
 
 def per_process_request(shape, requests, queue_address=None):

@@ -49,6 +49,7 @@ from testkit.procs import (LOOPBACK, QueueServer, Worker, cpu_seconds, peak_rss_
 
 SERVER_CPU, LOAD_CPU = 0, 1
 TOKEN = "wrk-bench"
+FORM = "application/x-www-form-urlencoded"      # the content type of batch50's body
 
 
 def event(i):
@@ -74,7 +75,7 @@ def shape_request(name):
     script = None
     if body is not None:
         script = ('wrk.method = "POST"\nwrk.body = "%s"\n'
-                  'wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n' % body)
+                  'wrk.headers["Content-Type"] = "%s"\n' % (body, FORM))
     return path, script, events
 
 
