@@ -31,7 +31,8 @@ class Server:
 
     def __init__(self, host, port):
         self.host, self.port = host, port
-        self.address = "%s:%d" % (host, port)
+        # Spelled as parse_servers reads it: an IPv6 host goes in brackets.
+        self.address = ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
         self.idle = collections.deque()
         self.down_until = 0.0
         self.failures = 0       # consecutive, reset when the server answers again

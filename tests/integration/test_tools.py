@@ -130,6 +130,13 @@ def test_stats_down_servers(queue_server):
     assert lines[-2] == "2 servers: 1 answer, 1 DOWN (%s); 4 items queued on those that " \
                         "answer" % dead, done.stdout
     assert lines[-1].startswith("DOWN %s: " % dead) and "refused" in lines[-1], done.stdout
+    # An IPv6 server is named once, in brackets, as it was given (the client's error
+    # names it too, and must not be left doubled on the DOWN line).
+    dead6 = "[::1]:%d" % free_port()
+    done = ingest("stats", "--kestrel", dead6)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("DOWN %s: " % dead6), done.stdout
+    assert done.stdout.count("::1") == 2, done.stdout     # its row and its DOWN line
     done = ingest("stats", "--kestrel", dead)
     assert done.returncode == 1
     assert done.stdout.split()[:14] == ["server", "queue", "items", "total_items", "open",

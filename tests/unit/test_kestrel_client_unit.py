@@ -136,6 +136,15 @@ def ports(servers):
     return [s.port for s in servers]
 
 
+def test_a_server_is_named_as_its_address_is_written():
+    """Errors, stats and metrics name a server by `address`: parse_servers must read it
+    back as the same server (an IPv6 host without brackets is refused there)."""
+    for text in ("kestrel-1:22133", "127.0.0.1:7", "[::1]:7", "[2001:db8::5]:22133"):
+        (server,) = ServerSet(protocol.parse_servers(text), retry_ms=0).servers
+        assert server.address == text
+        assert protocol.parse_servers(server.address) == [(server.host, server.port)]
+
+
 def test_order_rotates_over_all_servers():
     cluster = ServerSet(addresses(3), retry_ms=1000, clock=Clock(), start=1)
     assert ports(cluster.order()) == [1001, 1002, 1000]
