@@ -514,6 +514,84 @@ def test_batching_sink_put_returns_only_after_the_inner_write(spool_dir):
         t.join(5)
 
 
+class CountingSink(MemorySink):
+    """Inner sink that records which thread wrote and how many writes were in flight at
+    most; each put holds until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.in_flight = self.most = 0
+        self.threads = []
+        self.gate = threading.Event()
+
+    def put(self, pairs):
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            self.threads.append(threading.current_thread().name)
+        self.gate.wait(5)
+        with self.lock:
+            self.in_flight -= 1
+        super().put(pairs)
+
+
+def test_a_lone_request_writes_in_its_own_thread(spool_dir):
+    inner = CountingSink()
+    inner.gate.set()
+    sink = BatchingSink(inner, writers=1)
+    try:
+        sink.put(pairs(3))
+        t = threading.Thread(target=sink.put, args=(pairs(2, start=3),), name="request-2")
+        t.start()
+        t.join(5)
+        assert inner.threads == [threading.current_thread().name, "request-2"]
+        assert inner.items == pairs(5) and sink.batches == 2 and sink.records == 5
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("writers", [1, 2])
+def test_direct_writes_count_against_the_writers_in_flight(spool_dir, writers):
+    """Requests writing in their own threads and the writer threads together never have
+    more than `writers` writes in flight, and every request is stored."""
+    inner = CountingSink()
+    sink = BatchingSink(inner, writers=writers)
+    threads = [threading.Thread(target=sink.put, args=(pairs(2, start=2 * i),),
+                                name="request-%d" % i) for i in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(sink._queue) < 12 - writers and time.monotonic() < deadline:
+            time.sleep(0.001)     # poll: the requests queue behind the writes in flight
+        assert len(sink._queue) == 12 - writers and inner.in_flight == writers
+        inner.gate.set()
+        for t in threads:
+            t.join(5)
+        assert inner.most == writers
+        assert sorted(inner.items) == sorted(pairs(24))
+        assert sum(1 for name in inner.threads if name.startswith("request-")) == writers
+    finally:
+        inner.gate.set()
+        sink.close()
+
+
+def test_a_direct_write_that_fails_raises_its_share(spool_dir):
+    inner = MemorySink()
+    inner.failing = True
+    sink = BatchingSink(inner, writers=1)
+    try:
+        with pytest.raises(SinkUnavailable):
+            sink.put(pairs(2))
+        assert sink._writing == 0 and inner.items == []
+        inner.failing = False
+        sink.put(pairs(2))                 # the write slot was given back
+        assert inner.items == pairs(2)
+    finally:
+        sink.close()
+
+
 def test_batching_sink_fails_every_request_of_a_failed_batch(spool_dir):
     inner = MemorySink()
     inner.failing = True
