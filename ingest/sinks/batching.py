@@ -72,6 +72,10 @@ class BatchingSink:
 
     def put(self, pairs):
         with self._cond:
+            if self._stopping:
+                # The writer threads end once the queue is empty: a request queued now
+                # would wait for ever.
+                raise SinkUnavailable("the sink is closed")
             direct = not self._queue and self._writing < self._writers
             if direct:
                 self._writing += 1

@@ -577,6 +577,38 @@ def test_direct_writes_count_against_the_writers_in_flight(spool_dir, writers):
         sink.close()
 
 
+def test_a_direct_write_that_raises_anything_else_is_sink_unavailable(spool_dir):
+    class Broken:
+        def put(self, pairs):
+            raise RuntimeError("bug")
+
+    sink = BatchingSink(Broken(), writers=1)
+    try:
+        with pytest.raises(SinkUnavailable, match="bug"):
+            sink.put(pairs(1))
+        assert sink._writing == 0
+    finally:
+        sink.close()
+
+
+def test_a_put_after_close_is_refused_not_left_waiting(spool_dir):
+    inner = CountingSink()
+    sink = BatchingSink(inner, writers=1)
+    first = threading.Thread(target=sink.put, args=(pairs(1),))
+    first.start()
+    try:
+        deadline = time.monotonic() + 5
+        while inner.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)     # poll: the first request holds the only write slot
+        sink.close()
+        with pytest.raises(SinkUnavailable):
+            sink.put(pairs(1, start=1))    # would queue behind a writer that has ended
+    finally:
+        inner.gate.set()
+        first.join(5)
+    assert inner.items == pairs(1)
+
+
 def test_a_direct_write_that_fails_raises_its_share(spool_dir):
     inner = MemorySink()
     inner.failing = True
