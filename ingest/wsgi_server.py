@@ -234,7 +234,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
 _FAST_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 
 
-class DeadlinePassed(Exception):
+class DeadlinePassed(TimeoutError):
     """The header block or body being read was not in within its deadline."""
 
 

@@ -799,6 +799,37 @@ def test_in_flight_cap_answers_503_with_retry_after(queue, make_worker, tmp_path
         q.proc.stop()
 
 
+def test_an_unread_body_trickled_after_the_answer_is_cut_at_the_body_deadline(
+        queue, make_worker):
+    """A body the app did not read (/health reads none) is read and dropped after the
+    answer, on a connection kept alive; the whole-body deadline bounds that too: one
+    byte every 0.2 s (each read well inside the 5 s read timeout) is dropped after
+    about 1 s, not after the 40 s the 200 bytes would take."""
+    w = make_worker(queue.address, extra=["--body-timeout-s", "1", "--read-timeout-s", "5",
+                                          "--keepalive-idle-s", "30"])
+    with connect(w.port) as sock:
+        sock.sendall(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n")
+        resp, _ = read_response(sock)
+        assert resp.status == 200
+        started = time.monotonic()
+        dropped = False
+        for _ in range(200):
+            try:
+                sock.sendall(b"a")
+                sock.settimeout(0.2)
+                if sock.recv(1) == b"":
+                    dropped = True
+                    break
+            except socket.timeout:
+                continue                      # the worker is still reading: go on trickling
+            except OSError:
+                dropped = True
+                break
+        waited = time.monotonic() - started
+    assert dropped and waited < 3, (dropped, waited)
+    assert_alive(w)
+
+
 def test_client_trickling_headers_is_dropped_after_the_read_timeout(queue, make_worker):
     """The read timeout bounds the whole header block, not each read: one byte every
     0.2 s (each read well inside a 1 s timeout) is still dropped after about 1 s."""

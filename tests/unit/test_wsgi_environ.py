@@ -1,9 +1,12 @@
 """The worker's environ (ingest/wsgi_server.build_environ) is what eventlet's own
 HttpProtocol.get_environ builds, request for request, and the fast header path gives
-the same headers as the standard parser.  No sockets: a protocol object is set up by
-hand around in-memory files."""
+the same headers as the standard parser; the connection's DeadlineReader cuts each recv
+to what is left of the deadline of what is being read.  No sockets: a protocol object is
+set up by hand around in-memory files, the reader over a scripted socket."""
 import io
+import socket
 import sys
+import time
 import warnings
 
 import pytest
@@ -14,7 +17,7 @@ with warnings.catch_warnings():
 
 from ingest.http.headers import parse_plain
 from ingest.wsgi_exchange import build_environ
-from ingest.wsgi_server import IngestProtocol
+from ingest.wsgi_server import DeadlinePassed, DeadlineReader, IngestProtocol
 
 
 class FakeSocket:
@@ -82,3 +85,75 @@ def test_the_environ_base_is_computed_once_per_connection():
     build_environ(p)
     build_environ(p)
     assert calls == [1]
+
+
+# ---- DeadlineReader: the deadline of what is being read, on each recv ----------------------
+
+class ScriptedSocket:
+    """recv_into answers from a list of chunks (an exception is raised instead); records
+    the timeout each recv ran under."""
+
+    def __init__(self, chunks, timeout=5.0):
+        self.chunks = list(chunks)
+        self.timeout = timeout
+        self.recv_timeouts = []
+
+    def gettimeout(self):
+        return self.timeout
+
+    def settimeout(self, value):
+        self.timeout = value
+
+    def recv_into(self, buf):
+        self.recv_timeouts.append(self.timeout)
+        chunk = self.chunks.pop(0)
+        if isinstance(chunk, BaseException):
+            raise chunk
+        buf[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def reader_over(sock):
+    raw = DeadlineReader(sock)
+    return raw, io.BufferedReader(raw, 8192)
+
+
+def test_without_a_deadline_reads_run_under_the_socket_timeout():
+    sock = ScriptedSocket([b"GET / HTTP/1.1\r\n"])
+    raw, rfile = reader_over(sock)
+    assert rfile.readline() == b"GET / HTTP/1.1\r\n"
+    assert sock.recv_timeouts == [5.0]
+
+
+def test_a_near_deadline_cuts_the_recv_timeout_and_the_socket_timeout_comes_back():
+    sock = ScriptedSocket([b"X-A: 1\r\n"])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() + 1.0
+    assert rfile.readline() == b"X-A: 1\r\n"
+    assert 0 < sock.recv_timeouts[0] <= 1.0 and sock.timeout == 5.0
+
+
+def test_a_far_deadline_leaves_the_per_read_timeout_alone():
+    sock = ScriptedSocket([b"X-A: 1\r\n"])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() + 60
+    rfile.readline()
+    assert sock.recv_timeouts == [5.0]
+
+
+def test_a_recv_that_times_out_under_the_deadline_is_deadline_passed():
+    sock = ScriptedSocket([b"X-A", socket.timeout("timed out")])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() + 1.0
+    with pytest.raises(DeadlinePassed):
+        rfile.readline()
+    assert sock.timeout == 5.0 and len(sock.recv_timeouts) == 2
+
+
+def test_a_passed_deadline_is_refused_before_any_recv():
+    sock = ScriptedSocket([b"never read"])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() - 0.001
+    with pytest.raises(DeadlinePassed):
+        rfile.readline()
+    assert sock.recv_timeouts == [] and isinstance(DeadlinePassed(), TimeoutError)
