@@ -799,6 +799,23 @@ def test_in_flight_cap_answers_503_with_retry_after(queue, make_worker, tmp_path
         q.proc.stop()
 
 
+def trickle(sock, data, every_s=0.2):
+    """Send `data` a byte at a time, one every `every_s`, until the worker closes the
+    connection: (whether it did, seconds from the first byte)."""
+    started = time.monotonic()
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+            sock.settimeout(every_s)
+            if sock.recv(1) == b"":
+                return True, time.monotonic() - started
+        except socket.timeout:
+            continue                      # the worker is still reading: go on trickling
+        except OSError:
+            return True, time.monotonic() - started
+    return False, time.monotonic() - started
+
+
 def test_an_unread_body_trickled_after_the_answer_is_cut_at_the_body_deadline(
         queue, make_worker):
     """A body the app did not read (/health reads none) is read and dropped after the
@@ -811,21 +828,7 @@ def test_an_unread_body_trickled_after_the_answer_is_cut_at_the_body_deadline(
         sock.sendall(b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n")
         resp, _ = read_response(sock)
         assert resp.status == 200
-        started = time.monotonic()
-        dropped = False
-        for _ in range(200):
-            try:
-                sock.sendall(b"a")
-                sock.settimeout(0.2)
-                if sock.recv(1) == b"":
-                    dropped = True
-                    break
-            except socket.timeout:
-                continue                      # the worker is still reading: go on trickling
-            except OSError:
-                dropped = True
-                break
-        waited = time.monotonic() - started
+        dropped, waited = trickle(sock, b"a" * 200)
     assert dropped and waited < 3, (dropped, waited)
     assert_alive(w)
 
@@ -836,20 +839,6 @@ def test_client_trickling_headers_is_dropped_after_the_read_timeout(queue, make_
     w = make_worker(queue.address, extra=["--read-timeout-s", "1", "--keepalive-idle-s", "30"])
     with connect(w.port) as sock:
         sock.sendall(b"GET /track?data=x HTTP/1.1\r\n")
-        started = time.monotonic()
-        dropped = False
-        for byte in (b"X-Slow: " + b"a" * 40):
-            try:
-                sock.sendall(bytes([byte]))
-                sock.settimeout(0.2)
-                if sock.recv(1) == b"":
-                    dropped = True
-                    break
-            except socket.timeout:
-                continue                      # the worker is still waiting: go on trickling
-            except OSError:
-                dropped = True
-                break
-        waited = time.monotonic() - started
+        dropped, waited = trickle(sock, b"X-Slow: " + b"a" * 40)
     assert dropped and 0.8 < waited < 3, (dropped, waited)
     assert_alive(w)
