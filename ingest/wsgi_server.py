@@ -235,7 +235,7 @@ _FAST_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 
 
 class DeadlinePassed(TimeoutError):
-    """The header block or body being read was not in within its deadline."""
+    """The header block or body being read did not arrive within its deadline."""
 
 
 class DeadlineReader(io.RawIOBase):
@@ -244,9 +244,10 @@ class DeadlineReader(io.RawIOBase):
     what is left of it; past it, DeadlinePassed.
 
     PERF: the header block and the body each have a deadline.  An eventlet.Timeout for
-    each (a hub timer made and cancelled) cost ~19,000 instructions, 3.6 % of a
-    single-event request; a deadline here is an attribute, looked at only when a recv
-    is needed, and most requests need none after their request line."""
+    each (a hub timer made and cancelled) cost ~19,000 instructions; without them a
+    single-event request runs 7 % fewer in the whole worker.  A deadline here is an
+    attribute, looked at only when a recv is needed, and most requests need none after
+    their request line."""
 
     def __init__(self, sock):
         self.sock = sock
