@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_UPDATED := /tmp/.ingest-apt-updated
 
-.PHONY: run test unit integration bench docs venv venv-dev nginx chromium js clean
+.PHONY: run test unit integration bench bench-http bench-instructions docs venv venv-dev nginx chromium js \
+	wrk valgrind clean
 
 # ---- environments -------------------------------------------------------------------
 $(VENV)/.runtime: requirements.txt setup.py
@@ -33,6 +34,14 @@ $(APT_UPDATED):
 nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
 	  $(MAKE) -s $(APT_UPDATED) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
+
+wrk:
+	@command -v wrk >/dev/null || { \
+	  $(MAKE) -s $(APT_UPDATED) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+
+valgrind:
+	@command -v valgrind >/dev/null || { \
+	  $(MAKE) -s $(APT_UPDATED) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
 
 chromium:
 	@[ -x /usr/bin/chromium ] || { \
@@ -65,6 +74,18 @@ integration: venv-dev nginx chromium js
 # Load test: hello-world baseline and a worker pinned to one core, ratio in the same run.
 bench: venv-dev
 	$(PY) -m bench.run_all --rounds 3
+
+# The HTTP worker against the bare hello-world with wrk (docs/benchmarks.md): single GETs
+# and 50-event batches, latency in an open loop, RSS after a soak and at 1,000
+# connections, and through nginx in front of two workers. About 10 minutes.
+bench-http: venv-dev wrk nginx
+	$(PY) -m bench.wrk_bench --shapes single,batch50 --rounds 3 --duration 10 \
+	  --open-loop --soak 3000000 --wide 1000 --nginx
+
+# Instructions per request under callgrind: steady where wrk's rates are not.
+bench-instructions: venv-dev valgrind
+	$(PY) -m bench.instructions
+	$(PY) -m bench.instructions --processes
 
 # The generated reference pages (docs/reference/): settings, metrics, rejection reasons.
 docs: venv
