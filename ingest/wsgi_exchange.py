@@ -191,19 +191,14 @@ def _finish(protocol, request_input):
     if request_input.chunked_input or \
             request_input.position < (request_input.content_length or 0):
         if protocol.close_connection == 0:
-            # The body's deadline (wsgi_server.DeadlineInput) holds for what is left of
-            # it too: a client trickling the rest must not keep the connection.
-            reader = getattr(protocol, "reader", None)
-            if reader is not None:
-                reader.deadline = getattr(protocol.environ.get("wsgi.input"), "deadline", None)
             try:
-                request_input.discard()
-            except (eventlet.wsgi.ChunkReadError, OSError) as exc:   # DeadlinePassed too
+                # Through wsgi.input: the body's deadline (wsgi_server.DeadlineInput)
+                # holds for what is left of it too, so a client trickling the rest does
+                # not keep the connection.
+                protocol.environ["wsgi.input"].discard()
+            except (eventlet.wsgi.ChunkReadError, OSError) as exc:   # TimeoutError too
                 protocol.close_connection = 1
                 protocol.server.log.error("error while discarding request body: client=%s"
                                           " error=%s" % (protocol.client_address, exc))
-            finally:
-                if reader is not None:
-                    reader.deadline = None
     for hook, args, kwargs in protocol.environ["eventlet.posthooks"]:
         hook(protocol.environ, *args, **kwargs)

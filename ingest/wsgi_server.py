@@ -313,6 +313,11 @@ class DeadlineInput:
     def readline(self, *args):
         return self._within(self.raw.readline, *args)
 
+    def discard(self, *args):
+        """Read and drop what is left of the body (after an answer that did not read
+        it all), within the same deadline."""
+        return self._within(self.raw.discard, *args)
+
     def __iter__(self):
         return iter(self.read, b"")
 

@@ -19,6 +19,7 @@ from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.frames import SEGMENT_HEADER_BYTES, encode_frame
 from ingest.sinks.memory import MemorySink
 from ingest.sinks.spool import Spool, SpoolFull
+from testkit.procs import wait_until
 
 
 def pairs(n, start=0, queue="events", size=0):
@@ -562,9 +563,8 @@ def test_direct_writes_count_against_the_writers_in_flight(spool_dir, writers):
     try:
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 5
-        while len(sink._queue) < 12 - writers and time.monotonic() < deadline:
-            time.sleep(0.001)     # poll: the requests queue behind the writes in flight
+        wait_until(lambda: len(sink._queue) >= 12 - writers, timeout=5, interval=0.001,
+                   message="the requests to queue behind the writes in flight")
         assert len(sink._queue) == 12 - writers and inner.in_flight == writers
         inner.gate.set()
         for t in threads:
@@ -597,9 +597,8 @@ def test_a_put_after_close_is_refused_not_left_waiting(spool_dir):
     first = threading.Thread(target=sink.put, args=(pairs(1),))
     first.start()
     try:
-        deadline = time.monotonic() + 5
-        while inner.in_flight == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)     # poll: the first request holds the only write slot
+        wait_until(lambda: inner.in_flight, timeout=5, interval=0.001,
+                   message="the first request to hold the only write slot")
         sink.close()
         with pytest.raises(SinkUnavailable):
             sink.put(pairs(1, start=1))    # would queue behind a writer that has ended
