@@ -1,7 +1,7 @@
 """Instructions per request of the worker's app pipeline, counted by valgrind: a figure
 that does not move with the machine's load, for judging a change to the hot path.
 
-    python -m bench.instructions [--shapes single,batch50] [--kestrel] [--requests 200]
+    python -m bench.instructions [--shapes single,batch50,mixed] [--kestrel] [--requests 200]
     python -m bench.instructions --processes [--shapes single,batch50] [--requests 200]
     python -m bench.instructions --queue [--requests 200]
 
@@ -11,7 +11,9 @@ changes save; the number of instructions a request executes does not.  For each 
 (`make_app` called with an environ, as bench.micro does, the worker's garbage-collector
 settings applied) under `valgrind --tool=callgrind` twice, for a few and for
 `--requests` more requests, and prints the difference per request: start-up cancels out.
-User-space instructions only: no HTTP parsing, no kernel, no eventlet hub.
+User-space instructions only: no HTTP parsing, no kernel, no eventlet hub.  The `mixed`
+shape (in-process only) is 400 requests of the log `make bench` replays (bench.make_log,
+seed 1, the clock fixed near its event times), counted over two passes.
 
 `--kestrel`: the records go to a bundled queue (started on a free loopback port, stopped
 at the end) through the Kestrel client instead of a MemorySink, so the client's share is
@@ -47,25 +49,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARM_REQUESTS = 50
 
 
+# The `mixed` shape: this many requests of a log bench.make_log generates (fixed seed),
+# each pass over them counted as MIXED_REQUESTS requests.
+MIXED_REQUESTS = 400
+
+
 def pipeline(shape, kestrel_address=None, worker_gc=True):
-    """A function that runs one request of `shape` through the app pipeline; `worker_gc`:
-    apply the worker's garbage-collector settings to this process."""
+    """A function that runs one request of `shape` (of `mixed`: one pass over the log's
+    MIXED_REQUESTS) through the app pipeline; `worker_gc`: apply the worker's
+    garbage-collector settings to this process."""
     import gc
 
-    from bench.micro import environ_template
+    from bench.micro import FIXED_NOW, environ_template, load_entries
     from ingest import config
     from ingest.http import make_app
     from ingest.sinks.memory import MemorySink
-    method, path, content_type, body = _request_parts(shape)
-    env, body = environ_template((method, path.encode(), (content_type or "").encode(), body,
-                                  None))
+    if shape == "mixed":
+        import logging
+        logging.disable(logging.WARNING)   # the log's ~1% malformed requests log a warning
+        cases = [environ_template(e) for e in load_entries(None, MIXED_REQUESTS, 1)]
+        clock = lambda: FIXED_NOW   # noqa: E731 - the log's event times are near it
+    else:
+        method, path, content_type, body = _request_parts(shape)
+        cases = [environ_template((method, path.encode(), (content_type or "").encode(), body,
+                                   None))]
+        clock = time.time
     if kestrel_address:
         from ingest.kestrel.client import Client
         from ingest.sinks.kestrel import KestrelSink
         sink = KestrelSink(Client([kestrel_address]))
     else:
         sink = MemorySink()
-    app = make_app(config.resolve({}, environ={}), sink, time.time)
+    app = make_app(config.resolve({}, environ={}), sink, clock)
     if worker_gc:
         # The worker's settings (ingest/worker.py): start-up objects frozen, young
         # collections every 50,000 allocations.
@@ -74,14 +89,15 @@ def pipeline(shape, kestrel_address=None, worker_gc=True):
         gc.set_threshold(50000, 20, 20)
 
     def start_response(status, headers, exc_info=None):
-        if not status.startswith("200"):
+        if not status.startswith("200") and shape != "mixed":
             raise SystemExit("the pipeline answered %s" % status)
 
     def one():
-        environ = dict(env)
-        environ["wsgi.input"] = io.BytesIO(body)
-        for _chunk in app(environ, start_response):
-            pass
+        for env, body in cases:
+            environ = dict(env)
+            environ["wsgi.input"] = io.BytesIO(body)
+            for _chunk in app(environ, start_response):
+                pass
         if not kestrel_address:
             sink.items.clear()
     return one
@@ -207,6 +223,10 @@ def per_queue_set(batches, workdir):
 
 
 def per_request(shape, requests, address=None):
+    if shape == "mixed":      # each call is a pass over MIXED_REQUESTS requests
+        few = _instructions(shape, 1, address)
+        many = _instructions(shape, 3, address)
+        return (many - few) / (2.0 * MIXED_REQUESTS)
     few = _instructions(shape, WARM_REQUESTS, address)
     many = _instructions(shape, WARM_REQUESTS + requests, address)
     return (many - few) / float(requests)
@@ -248,6 +268,12 @@ def main(argv=None):
             return 0
         for shape in args.shapes.split(","):
             n = per_request(shape, args.requests, queue.address if queue else None)
+            if shape == "mixed":
+                print("mixed    %10.0f instructions per request of the mixed SDK log (%d"
+                      " requests, bench.make_log's seed 1)%s" % (
+                          n, MIXED_REQUESTS, " (Kestrel client to a bundled queue)" if queue
+                          else ""), flush=True)
+                continue
             events = shape_of(shape)[2]
             print("%-8s %10.0f instructions per request, %8.0f per event%s"
                   % (shape, n, n / events, " (Kestrel client to a bundled queue)" if queue else ""),
