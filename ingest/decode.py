@@ -54,10 +54,13 @@ def unquote_form(value):
     JSON as the Python SDK form-encodes them (522 escapes), 14 us this way.  `%` becomes
     `\\x` (literal backslashes doubled first) and codecs.escape_decode does the rest; a
     value it refuses (an escape that is not two hex digits) or that is not ASCII goes to
-    urllib, so every value reads as before (tests/unit/test_fast_paths.py)."""
+    urllib, so every value reads as before (tests/unit/test_fast_paths.py).  The
+    replacing is done on bytes: str.replace took 10 us for the `%` of a 15 KB value, the
+    same on bytes 0.5 us (9 % of the mixed log's in-process instructions went to the
+    str replaces)."""
     if not value.isascii():
         return unquote_plus(value)
-    raw = value.replace("+", " ").replace("\\", "\\\\").replace("%", "\\x").encode("ascii")
+    raw = value.encode("ascii").replace(b"+", b" ").replace(b"\\", b"\\\\").replace(b"%", b"\\x")
     try:
         return codecs.escape_decode(raw)[0].decode("utf-8", "replace")
     except ValueError:
