@@ -185,6 +185,29 @@ def test_unquote_form_is_unquote_plus(parts):
     assert decode.unquote_form(text) == unquote_plus(text)
 
 
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=4), st.sampled_from([
+    b"\xed\xa0\x80", b"\xc0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82\xac", b"\xe2\x82", b"\xef\xbb\xbf",
+    b"\\ud800", b"\\u00e9", b'"', b"\\", b"\x00", b"\xf0\x9f\x98\x80"])), max_size=8),
+    st.sampled_from([b'[{"event":"%s","properties":{"x":1.5}}]', b'{"%s":[1e400]}',
+                     b'{"k":"v"} %s', b'[1, %s2]']))
+def test_base64_data_decodes_as_its_utf8_text(parts, template):
+    """msgspec reads base64's bytes without a str between: a text whose bytes are not
+    UTF-8 is refused as invalid_utf8 and any other decodes as the same text sent raw."""
+    raw = template.replace(b"%s", b"".join(parts))
+    try:
+        expected = outcome(decode.decode_records, raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        expected = ("error", "invalid_utf8")
+    got = outcome(decode.decode_records, base64.b64encode(raw).decode())
+    assert got[0] == expected[0]
+    if got[0] == "ok":
+        assert [shape(r) for r in got[1][0]] == [shape(r) for r in expected[1][0]]
+        assert got[1][1:] == expected[1][1:]
+    else:
+        assert got[1] == expected[1]
+
+
 @settings(max_examples=1500, deadline=None)
 @given(st.one_of(
     st.lists(st.sampled_from(["0", "1", "9", "00", "01", "10", "99", "100", "199", "249", "255",
