@@ -2,7 +2,7 @@
 that does not move with the machine's load, for judging a change to the hot path.
 
     python -m bench.instructions [--shapes single,batch50,mixed] [--kestrel] [--requests 200]
-    python -m bench.instructions --processes [--shapes single,batch50] [--requests 200]
+    python -m bench.instructions --processes [--shapes single,batch50,mixed] [--requests 200]
     python -m bench.instructions --queue [--requests 200]
 
 wrk_bench's rates vary by 10-20 % between runs on a shared VM, more than most single
@@ -12,8 +12,8 @@ changes save; the number of instructions a request executes does not.  For each 
 settings applied) under `valgrind --tool=callgrind` twice, for a few and for
 `--requests` more requests, and prints the difference per request: start-up cancels out.
 User-space instructions only: no HTTP parsing, no kernel, no eventlet hub.  The `mixed`
-shape (in-process only) is 400 requests of the log `make bench` replays (bench.make_log,
-seed 1, the clock fixed near its event times), counted over two passes.
+shape is 400 requests of the log `make bench` replays (bench.make_log, seed 1; in
+process the clock is fixed near its event times), counted over two passes.
 
 `--kestrel`: the records go to a bundled queue (started on a free loopback port, stopped
 at the end) through the Kestrel client instead of a MemorySink, so the client's share is
@@ -186,6 +186,29 @@ def http_request(shape):
     return rawhttp.request(method, path, headers, body, close=False)
 
 
+def mixed_requests():
+    """The bytes of the mixed shape's requests, their event times near now (the worker
+    keeps its own clock: events five days old would be refused)."""
+    from bench import make_log, replay
+    with tempfile.TemporaryDirectory() as tmp:
+        log = os.path.join(tmp, "mixed.log")
+        make_log.generate(log, MIXED_REQUESTS, seed=1, start_time=time.time() - 60)
+        return replay.build_requests(replay.load_log(log)[0], "http://127.0.0.1:8080")
+
+
+def _replay_passes(host, port, requests, passes):
+    """Send `requests` `passes` times on one keep-alive connection, each request after
+    the previous answer came back whole."""
+    from bench import replay
+    client = replay.Client(socket, (host, port), 120)
+    try:
+        for _ in range(passes):
+            for raw in requests:
+                client.request(raw)
+    finally:
+        client.close()
+
+
 def per_process_request(shape, requests, queue_address=None):
     """Instructions per request of `ingest serve` (or of bench.hello without a queue)."""
     if queue_address:
@@ -193,6 +216,11 @@ def per_process_request(shape, requests, queue_address=None):
                 "--port"]
     else:
         argv = ["bench.hello", "--host", "127.0.0.1", "--port"]
+    if shape == "mixed":      # one pass, then three: the difference is two passes
+        raws = mixed_requests()
+        counts = [_process_count(argv, lambda host, port, n=n: _replay_passes(
+            host, port, raws, n)) for n in (1, 3)]
+        return (counts[1] - counts[0]) / (2.0 * len(raws))
     request = http_request(shape)
     counts = [_process_count(argv, lambda host, port, n=n: _exchange(
         host, port, request, n, b"\r\n\r\n1")) for n in (WARM_REQUESTS, WARM_REQUESTS + requests)]
