@@ -47,21 +47,51 @@ def parse_pairs(text, into):
         start = end + 1
 
 
+# Every `%XX` escape with two hex digits (either case) -> its byte.
+_ESCAPES = {("%02x" % n).encode(): bytes((n,)) for n in range(256)}
+_ESCAPES.update({key.upper(): byte for key, byte in _ESCAPES.items()})
+_ESCAPES.update({key[:1].upper() + key[1:]: byte for key, byte in _ESCAPES.items()})
+_ESCAPES.update({key[:1] + key[1:].upper(): byte for key, byte in _ESCAPES.items()})
+# A value with more escapes than this is unescaped by codecs.escape_decode instead.
+_FEW_ESCAPES = 32
+
+
 def unquote_form(value):
     """urllib's unquote_plus, at C speed for ASCII values.
 
     PERF: unquote_plus handles each %XX escape in Python: 123 us for six events of raw
-    JSON as the Python SDK form-encodes them (522 escapes), 14 us this way.  `%` becomes
-    `\\x` (literal backslashes doubled first) and codecs.escape_decode does the rest; a
-    value it refuses (an escape that is not two hex digits) or that is not ASCII goes to
-    urllib, so every value reads as before (tests/unit/test_fast_paths.py).  The
-    replacing is done on bytes: on a 15 KB base64 value with a single `%`, str.replace
-    took 6-10 us and bytes.replace 0.5 us; on escape-heavy values (naked JSON) the two
-    are about even.  Over the mixed SDK log the str replaces were 9 % of the app's
-    instructions (bench.instructions --shapes mixed)."""
+    JSON as the Python SDK form-encodes them (522 escapes), 14 us this way.  A value
+    with few escapes (base64, whose only escapes are the `+`, `/` and `=` that are
+    rare in the base64 of ASCII JSON) is unescaped between the escapes found by
+    find(), which skips at memchr speed; one with more than _FEW_ESCAPES goes whole
+    through codecs.escape_decode (`%` becomes `\\x`, literal backslashes doubled
+    first), which reads every byte.  A value escape_decode refuses (an escape that is
+    not two hex digits) or that is not ASCII goes to urllib, so every value reads as
+    before (tests/unit/test_fast_paths.py).  The replacing is done on bytes: on a 15 KB
+    base64 value with a single `%`, str.replace took 6-10 us and bytes.replace 0.5 us;
+    on escape-heavy values (naked JSON) the two are about even.  Over the mixed SDK log
+    the str replaces were 9 % of the app's instructions (bench.instructions --shapes
+    mixed)."""
     if not value.isascii():
         return unquote_plus(value)
-    raw = value.encode("ascii").replace(b"+", b" ").replace(b"\\", b"\\\\").replace(b"%", b"\\x")
+    raw = value.encode("ascii").replace(b"+", b" ")
+    pos = raw.find(b"%")
+    pieces, start = [], 0
+    escapes = _ESCAPES
+    for _ in range(_FEW_ESCAPES):
+        if pos < 0:
+            pieces.append(raw[start:])
+            return b"".join(pieces).decode("utf-8", "replace")
+        pieces.append(raw[start:pos])
+        byte = escapes.get(raw[pos + 1:pos + 3])
+        if byte is None:          # not an escape: the `%` stays, as urllib leaves it
+            pieces.append(b"%")
+            start = pos + 1
+        else:
+            pieces.append(byte)
+            start = pos + 3
+        pos = raw.find(b"%", start)
+    raw = raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x")
     try:
         return codecs.escape_decode(raw)[0].decode("utf-8", "replace")
     except ValueError:

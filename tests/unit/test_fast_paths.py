@@ -180,9 +180,13 @@ def test_pybase64_never_accepts_what_binascii_strict_refuses(raw):
                                  "%2", "%zz", "%4G", "%C3%A9", "%C3", "%FF", "%00", "\\", "\\x41",
                                  "\\n", "é", "=", "&", "x"]), max_size=30))
 def test_unquote_form_is_unquote_plus(parts):
+    """Both ways of unescaping: between the escapes find() finds (few of them), and
+    escape_decode over the whole value (more than decode._FEW_ESCAPES)."""
     from urllib.parse import unquote_plus
     text = "".join(parts)
     assert decode.unquote_form(text) == unquote_plus(text)
+    many = text * 12 + "%41" * decode._FEW_ESCAPES
+    assert decode.unquote_form(many) == unquote_plus(many)
 
 
 @settings(max_examples=800, deadline=None)
