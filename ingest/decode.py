@@ -191,7 +191,7 @@ def b64decode(value):
     # PERF: each step copies the value (14 KB for a 50-event batch); skip the ones that
     # would change nothing: no URL-safe or space characters, padding already right.
     # PERF: find(), not `in`: bytes.__contains__ first tries its argument as an integer,
-    # raising and clearing a TypeError each time (1,800 instructions a test).
+    # raising and clearing a TypeError each time (4,300 instructions for these three).
     if raw.find(b"-") >= 0 or raw.find(b"_") >= 0 or raw.find(b" ") >= 0:
         raw = raw.translate(_URLSAFE)
     if raw[-1:] == b"=" or len(raw) % 4:
