@@ -47,11 +47,9 @@ def parse_pairs(text, into):
         start = end + 1
 
 
-# Every `%XX` escape with two hex digits (either case) -> its byte.
-_ESCAPES = {("%02x" % n).encode(): bytes((n,)) for n in range(256)}
-_ESCAPES.update({key.upper(): byte for key, byte in _ESCAPES.items()})
-_ESCAPES.update({key[:1].upper() + key[1:]: byte for key, byte in _ESCAPES.items()})
-_ESCAPES.update({key[:1] + key[1:].upper(): byte for key, byte in _ESCAPES.items()})
+# The two characters after `%` of every escape (hex digits in either case) -> its byte.
+_HEX_DIGITS = "0123456789abcdefABCDEF"
+_ESCAPES = {(a + b).encode(): bytes((int(a + b, 16),)) for a in _HEX_DIGITS for b in _HEX_DIGITS}
 # A value with more escapes than this is unescaped by codecs.escape_decode instead.
 _FEW_ESCAPES = 32
 
