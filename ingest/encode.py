@@ -38,7 +38,7 @@ else:  # pragma: no cover - CPython always has the C encoder
 # exponent (1e-05, 1e+16: msgspec writes 0.00001, 1e16) and non-finite floats (msgspec:
 # null; here they must be refused).  A record decoded by decode's fast path has neither
 # (decode._plain_float), and cleaning adds none, so `plain` records take this path.
-_FAST_ENCODE = msgspec.json.Encoder().encode
+FAST_ENCODE = msgspec.json.Encoder().encode
 
 
 def encode_record(record, max_bytes, plain=False):
@@ -49,7 +49,7 @@ def encode_record(record, max_bytes, plain=False):
     payload = None
     if plain:
         try:
-            payload = _FAST_ENCODE(record)
+            payload = FAST_ENCODE(record)
         except Exception:    # a lone surrogate added later: the exact path decides
             payload = None
     if payload is None:
