@@ -5,6 +5,7 @@ decode.b64decode gives what it gave before it skipped its needless copies."""
 import base64
 import json
 import math
+from urllib.parse import quote, quote_plus
 
 import pytest
 from hypothesis import example, given, settings
@@ -334,3 +335,50 @@ def reference_parse_pairs(text):
                 max_size=14).map("".join))
 def test_parse_pairs_is_the_split_reference(text):
     assert decode.parse_pairs(text, {}) == reference_parse_pairs(text)
+
+
+_EVENT_JSON = json.dumps([{"event": "e ~>?", "properties": {"token": "t", "x": [1.5, "é"]}}])
+_FORM_DATA = st.one_of(
+    st.sampled_from([_EVENT_JSON.replace("é", "e"), base64.b64encode(_EVENT_JSON.encode()).decode(),
+                     base64.urlsafe_b64encode(_EVENT_JSON.encode()).decode().rstrip("="),
+                     quote_plus(_EVENT_JSON), quote(_EVENT_JSON, safe=""),
+                     quote(base64.b64encode(_EVENT_JSON.encode()).decode(), safe="")]),
+    st.lists(st.sampled_from(["%", "%2B", "%2b", "%7B", "%22", "%C3%A9", "%ff", "%ZZ", "%5C",
+                              "%00", "+", " ", "\t", "\x1f", "\x0b", "{", "[", "]", "}", '"',
+                              ":", ",", "1", "eyJ", "W3s", "=", "-", "_", "\\", "a"]),
+             max_size=12).map("".join))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.one_of(_FORM_DATA.map(lambda d: "data=" + d),
+                          st.sampled_from(["verbose=1", "ip=%31", "_=1", "callback=a+b", "&",
+                                           "=", "data", "\x1cdata="])), max_size=4),
+       st.sampled_from(["", "application/x-www-form-urlencoded", "text/plain"]))
+def test_an_ascii_form_body_reads_as_its_text(pairs, ctype):
+    """A form body that is ASCII is parsed in bytes, its `data` kept in bytes where it
+    reads the same: the parameters and what decode_records makes of them are those of
+    the body decoded to str first, as before (outcomes, records, plain, brackets)."""
+    body = "&".join(pairs)
+    got = decode.read_params("", ctype, body.encode("ascii"))
+    expected = decode.parse_pairs(body, {})
+    assert {k: v.decode("ascii") if isinstance(v, bytes) else v for k, v in got.items()} \
+        == expected
+    if "data" in expected:
+        fast = outcome(decode.decode_records, got["data"])
+        exact = outcome(decode.decode_records, expected["data"])
+        assert fast[0] == exact[0]
+        if fast[0] == "ok":
+            assert shape(fast[1][0]) == shape(exact[1][0]) and fast[1][1:] == exact[1][1:]
+        else:
+            assert fast[1] == exact[1]
+
+
+@pytest.mark.parametrize("data", [_EVENT_JSON.replace("é", "e"), " \x1c\t" + _EVENT_JSON[:-1],
+                                  "[1e400]", "[NaN]", "[" * 500 + "]" * 500, "x"])
+def test_an_ascii_json_body_reads_as_its_text(data):
+    got = decode.read_params("", "application/json", data.encode("ascii"))["data"]
+    assert isinstance(got, bytes)
+    fast, exact = outcome(decode.decode_records, got), outcome(decode.decode_records, data)
+    # repr, not shape(): the deep text would take shape() past the recursion limit.
+    assert (fast[0], fast[1] if fast[0] == "error" else repr(fast[1])) == \
+        (exact[0], exact[1] if exact[0] == "error" else repr(exact[1]))
