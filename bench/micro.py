@@ -110,9 +110,12 @@ def bench_app(entries, seconds):
 
 
 def json_text(data):
-    """The JSON text inside a `data` value (base64 undone), or None when it is not."""
+    """The JSON text inside a `data` value (base64 undone), or None when it is not.
+    `data`: as decode.read_params gives it, a str or an ASCII body's bytes."""
     from ingest import decode
     from ingest.errors import IngestError
+    if isinstance(data, bytes):
+        data = data.decode("ascii")
     if data.lstrip()[:1] in ("{", "["):
         return data
     try:

@@ -305,8 +305,8 @@ def _utf8(decoded):
 def decode_records(value):
     """The `data` parameter -> (list of raw records, plain: see loads_checked, brackets).
 
-    `value`: str, or ASCII bytes, read as the same str (parse_pairs keeps a form body's
-    data in bytes).  `brackets`: how many `{` and `[` the JSON text holds, counted at C
+    `value`: str, or ASCII bytes, read as the same str (read_params keeps an ASCII JSON
+    body, and parse_ascii_pairs an ASCII form body's data, in bytes).  `brackets`: how many `{` and `[` the JSON text holds, counted at C
     speed."""
     if type(value) is bytes:
         first = _FIRST_BYTE.match(value)

@@ -1,12 +1,12 @@
 """Routing tables: (endpoint, token) -> Kestrel queue, hot-token overflow, blocklist.
 
-What it is for: `RoutingTable.route()` is called once per record on the hot path and
-answers in O(1): a queue name, or `BLOCKED`.  Everything expensive (reading the routes
+What it is for: `RoutingTable.route()` answers for one record in O(1): a queue name, or
+`BLOCKED`; `route_many()` answers for a batch's records, as route() of each would.  Everything expensive (reading the routes
 file, validating it, building the dicts) happens once, in ingest/routing/routes_file.py,
 and a `Router` swaps a whole new table in with one attribute assignment on reload.
 
 What it must not do: no sockets, no eventlet, no reading of the environment; per record
-nothing but a few dict operations (no I/O, scans or regexes).  Tables are immutable after
+nothing but a few dict operations and comparisons (no I/O, table scans or regexes).  Tables are immutable after
 build, except for their counters and the token-bucket state, which are plain ints/dicts
 updated in place.
 
@@ -125,12 +125,13 @@ class RoutingTable:
 
     def route_many(self, endpoint, tokens, now):
         """route() of each of `tokens` in turn: their queues, counted as route() counts.
-        Only for a table that refuses no token (not strict_tokens).
+        A strict table raises route()'s RecordRejected at the first unknown token, the
+        tokens before it counted: the app routes record by record there instead.
 
         PERF: without overflow, a queue depends on the token alone: a batch whose records
         share one token (the usual) is looked up once and counted in one step, and any
         other is looked up in one loop, without a route() call per record."""
-        if self._limiter is not None:
+        if self._limiter is not None or self.strict_tokens:
             route = self.route
             return [route(endpoint, token, now) for token in tokens]
         n = len(tokens)

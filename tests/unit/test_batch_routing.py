@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest import clean
+from ingest.errors import RecordRejected
 from ingest.http import app as app_module
 from ingest.routing import RoutingTable
 
@@ -124,3 +125,13 @@ def test_the_batch_benchmark_request_is_routed_as_a_whole(monkeypatch):
                     "application/x-www-form-urlencoded")
     assert (response.status, response.body) == (200, b"1")
     assert len(sink.items) == events and len(wholes) == 1 and len(wholes[0]) == events
+
+
+def test_route_many_on_a_strict_table_refuses_as_route_does():
+    data = {"strict_tokens": True, "tokens": {"tok": {}, "other": {"track": "events_other"}}}
+    many, each = RoutingTable.from_dict(data), RoutingTable.from_dict(data)
+    assert many.route_many("track", ["tok", "other", "tok"], NOW) == [
+        each.route("track", t, NOW) for t in ["tok", "other", "tok"]]
+    with pytest.raises(RecordRejected) as info:
+        many.route_many("track", ["tok", "stranger", "tok"], NOW)
+    assert (info.value.reason, info.value.field) == ("unknown_token", "properties.token")

@@ -46,6 +46,10 @@ def test_every_control_parameter_is_read_from_query_and_body(name):
     assert decode.read_params(name + "=q", "", b"")[name] == "q"
     assert decode.read_params("", "application/x-www-form-urlencoded",
                               (name + "=b").encode())[name] == "b"
+
+
+def test_data_is_read_from_query_and_body():
+    assert decode.read_params("data=q", "", b"")["data"] == "q"
     assert texts(decode.read_params("", "application/x-www-form-urlencoded",
                                     b"data=b"))["data"] == "b"
 

@@ -267,6 +267,10 @@ def test_the_stage_benchmark_runs_both_paths_of_each_stage():
                 "json_decode_us_per_record", "json_decode_exact_us_per_record"):
         assert figures[key] > 0, key
     assert figures["records_on_fast_json_path"] > 0.5
+    # Its JSON texts come from data values as read_params gives them: str or bytes.
+    for data in ('[{"a":1}]', b'[{"a":1}]', b" {}", base64.b64encode(b'[{"a":1}]'),
+                 base64.b64encode(b'[{"a":1}]').decode()):
+        assert micro.json_text(data) is not None, data
 
 
 def test_deep_texts_are_decided_by_simplejson_alone():
@@ -337,7 +341,8 @@ def test_parse_pairs_is_the_split_reference(text):
     assert decode.parse_pairs(text, {}) == reference_parse_pairs(text)
 
 
-_EVENT_JSON = json.dumps([{"event": "e ~>?", "properties": {"token": "t", "x": [1.5, "é"]}}])
+_EVENT_JSON = json.dumps([{"event": "e ~>?", "properties": {"token": "t", "x": [1.5, "é"]}}],
+                         ensure_ascii=False)
 _FORM_DATA = st.one_of(
     st.sampled_from([_EVENT_JSON.replace("é", "e"), base64.b64encode(_EVENT_JSON.encode()).decode(),
                      base64.urlsafe_b64encode(_EVENT_JSON.encode()).decode().rstrip("="),
@@ -373,7 +378,8 @@ def test_an_ascii_form_body_reads_as_its_text(pairs, ctype):
             assert fast[1] == exact[1]
 
 
-@pytest.mark.parametrize("data", [_EVENT_JSON.replace("é", "e"), " \x1c\t" + _EVENT_JSON[:-1],
+@pytest.mark.parametrize("data", [_EVENT_JSON.replace("é", "e"), "\n\x1c\t" + _EVENT_JSON[:-1].replace("é", "e"),
+                                  " \x1f\n" + _EVENT_JSON.replace("é", "\\u00e9") + "\t\x1c",
                                   "[1e400]", "[NaN]", "[" * 500 + "]" * 500, "x"])
 def test_an_ascii_json_body_reads_as_its_text(data):
     got = decode.read_params("", "application/json", data.encode("ascii"))["data"]

@@ -82,7 +82,8 @@ def test_read_params_on_anything(query, ctype, body):
         assert exc.status in (200, 415)
     else:
         assert set(params) <= decode.CONTROL_PARAMS
-        # `data` may stay in bytes when it is ASCII (decode.parse_ascii_pairs).
+        # `data` may stay in bytes when it is ASCII (an ASCII JSON body, or an ASCII form
+        # body's data: decode.read_params, decode.parse_ascii_pairs).
         assert all(isinstance(v, str) or (k == "data" and v.isascii())
                    for k, v in params.items())
 
