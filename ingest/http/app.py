@@ -81,6 +81,23 @@ PAUSE_EVERY_RECORDS = 250
 _FIRST = operator.itemgetter(0)
 
 
+# PERF: route_batch's helpers, so that its locals are not closure cells (which cost
+# every call about 800 instructions).
+def _kept(records, rejected):
+    """The records not `rejected` (index, exception pairs), and their indices."""
+    skipped = {i for i, _ in rejected}
+    index = [i for i in range(len(records)) if i not in skipped]
+    return [records[i] for i in index], index
+
+
+def _merged(rejected, refused, index):
+    """`rejected` and `refused` (indexed in the records kept: `index`, or None when all
+    were) as one list, by index in the request."""
+    if index is not None:
+        refused = [(index[j], exc) for j, exc in refused]
+    return sorted(rejected + refused, key=_FIRST)
+
+
 class App:
     """Build with make_app(); `state` and `router` are shared with the worker bootstrap."""
 
@@ -243,47 +260,19 @@ class App:
                 self.metrics.accepted_pairs(endpoint, pairs)
         return accepted, rejected, insert_ids
 
-    def route_all(self, endpoint, records, ctx, table, secret, now, plain=False):
+    def route_all(self, endpoint, records, ctx, table, secret, now, plain=False, batch=True):
         """Clean, check, route and encode each record: (queue, payload) pairs, the
         rejected (index, RecordRejected) list and how many were accepted (a blocked
         token's records count as accepted but are not queued).  `plain`: the records
         came from decode's fast path (see encode.encode_record).
 
-        PERF: a batch is cleaned record by record, then routed and encoded as a whole
-        (RoutingTable.route_many, encode_run): a batch's records usually share a
-        token, so its queue is looked up once, and they are encoded by one map(): a
-        50-event batch went from 1,723,362 to 1,614,670 instructions in process
-        (bench.instructions --shapes batch50).  The outcome is route_each's, record
-        for record (tests/unit/test_batch_routing.py); a single record, a request long
-        enough to pause in, a strict table and /import's secret check still take it."""
-        n = len(records)
-        if n == 1 or n > PAUSE_EVERY_RECORDS or table.strict_tokens or secret is not None:
-            return self.route_each(endpoint, records, ctx, table, secret, now, plain)
-        clean = self.cleaners[endpoint]
-        tokens, rejected = [], []
-        keep = tokens.append
-        for record in records:
-            try:
-                keep(clean(record, ctx))
-            except RecordRejected as exc:
-                rejected.append((len(tokens) + len(rejected), exc))
-                self.count("rejected", endpoint, exc.reason)
-        if not tokens:
-            return [], rejected, 0
-        if rejected:     # the records kept, and their indices in the request
-            skipped = {i for i, _ in rejected}
-            index = [i for i in range(n) if i not in skipped]
-            records = [records[i] for i in index]
-        pairs, refused, accepted = self.encode_run(
-            endpoint, records, table.route_many(endpoint, tokens, now), plain)
-        if refused:
-            if rejected:
-                refused = [(index[j], exc) for j, exc in refused]
-            rejected = sorted(rejected + refused, key=_FIRST)
-        return pairs, rejected, accepted
-
-    def route_each(self, endpoint, records, ctx, table, secret, now, plain):
-        """route_all record by record: each one cleaned, routed and encoded in turn."""
+        A batch (2 to PAUSE_EVERY_RECORDS records, a table that refuses no token, no
+        /import secret to check) goes to route_batch, whose outcome is this loop's,
+        record for record (tests/unit/test_batch_routing.py compares them: `batch`
+        False takes this loop whatever the request)."""
+        if (batch and 1 < len(records) <= PAUSE_EVERY_RECORDS and not table.strict_tokens
+                and secret is None):
+            return self.route_batch(endpoint, records, ctx, table, now, plain)
         clean = self.cleaners[endpoint]
         max_record_bytes = self.settings.max_record_bytes
         route = table.route
@@ -306,9 +295,34 @@ class App:
                 self.count("rejected", endpoint, exc.reason)
         return pairs, rejected, accepted
 
+    def route_batch(self, endpoint, records, ctx, table, now, plain):
+        """route_all of a batch: its records cleaned one by one, then routed and encoded
+        as a whole (RoutingTable.route_many, encode_run).
+
+        PERF: a batch's records usually share a token, so its queue is looked up once,
+        and they are encoded by one map(): a 50-event batch went from 1,723,362 to
+        1,614,670 instructions in process (bench.instructions --shapes batch50)."""
+        clean = self.cleaners[endpoint]
+        tokens, rejected = [], []
+        keep = tokens.append
+        for record in records:
+            try:
+                keep(clean(record, ctx))
+            except RecordRejected as exc:
+                rejected.append((len(tokens) + len(rejected), exc))
+                self.count("rejected", endpoint, exc.reason)
+        if not tokens:
+            return [], rejected, 0
+        kept, index = _kept(records, rejected) if rejected else (records, None)
+        pairs, refused, accepted = self.encode_run(
+            endpoint, kept, table.route_many(endpoint, tokens, now), plain)
+        if refused:
+            rejected = _merged(rejected, refused, index)
+        return pairs, rejected, accepted
+
     def encode_run(self, endpoint, records, queues, plain):
         """(pairs, rejected, accepted) for cleaned, routed `records` (their `queues`):
-        each one encoded as route_each would, records of a blocked token skipped;
+        each one encoded as route_all's loop would, records of a blocked token skipped;
         rejections are indexed in `records`.
 
         PERF: when every record takes the fast encoder and fits, they are encoded by one

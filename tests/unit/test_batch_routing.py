@@ -1,6 +1,6 @@
-"""A batch cleaned record by record, then routed and encoded as a whole (App.route_all
-with RoutingTable.route_many and App.encode_run) ends exactly as the per-record loop
-(App.route_each) leaves it: the same queued pairs in order, rejections by index, reason
+"""A batch cleaned record by record, then routed and encoded as a whole (App.route_batch,
+with RoutingTable.route_many and App.encode_run) ends exactly as route_all's per-record
+loop (route_all with batch=False) leaves it: the same queued pairs in order, rejections by index, reason
 and field, accepted count, rejection counts, routing counters and cleaned records.
 """
 import copy
@@ -70,8 +70,8 @@ def ordered(value):
     return (type(value).__name__, value)
 
 
-def outcome(method, endpoint, batch, table_name, plain, ip, max_record_bytes):
-    """What `method` (route_all or route_each) makes of a copy of `batch`."""
+def outcome(as_batch, endpoint, batch, table_name, plain, ip, max_record_bytes):
+    """What route_all makes of a copy of `batch`, as a batch or record by record."""
     app, _sink = make(max_record_bytes=max_record_bytes)
     counted = []
     app.count = lambda *args: counted.append(args)
@@ -79,8 +79,8 @@ def outcome(method, endpoint, batch, table_name, plain, ip, max_record_bytes):
     records = copy.deepcopy(batch)
     ctx = clean.Context(NOW + 0.000456, ip, max_properties=5, max_depth=20,
                         max_string=100, data_chars=None, nesting=None)
-    pairs, rejected, accepted = getattr(app, method)(endpoint, records, ctx, table, None,
-                                                     NOW, plain)
+    pairs, rejected, accepted = app.route_all(endpoint, records, ctx, table, None, NOW, plain,
+                                              batch=as_batch)
     return {"pairs": pairs, "rejected": [(i, e.reason, e.field) for i, e in rejected],
             "accepted": accepted, "counted": sorted(counted), "records": ordered(records),
             "table": (table.unknown, table.blocked, table.overflowed)}
@@ -97,7 +97,7 @@ def test_a_batch_routed_as_a_whole_ends_as_record_by_record(endpoint_batch, tabl
                                                             ip, max_record_bytes):
     endpoint, batch = endpoint_batch
     args = (endpoint, batch, table_name, plain, ip, max_record_bytes)
-    assert outcome("route_all", *args) == outcome("route_each", *args)
+    assert outcome(True, *args) == outcome(False, *args)
 
 
 @pytest.mark.parametrize("tokens", [["tok"] * 5, ["bad"] * 4, ["other"] * 6,
@@ -113,7 +113,7 @@ def test_route_many_routes_and_counts_as_route(table_name, tokens):
 
 def test_the_batch_benchmark_request_is_routed_as_a_whole(monkeypatch):
     """The whole-batch path is the one the benchmark's batches take (else the tests
-    above would pass with a route_all that always handed over to route_each)."""
+    above would pass with a route_all that never handed a batch to route_batch)."""
     from bench.wrk_bench import event, shape
     _path, form, events = shape("batch50")
     wholes = []
