@@ -300,7 +300,7 @@ class App:
         as a whole (RoutingTable.route_many, encode_run).
 
         PERF: a batch's records usually share a token, so its queue is looked up once,
-        and they are encoded by one map(): a 50-event batch went from 1,723,362 to
+        and they are encoded by one map(): a 50-event batch went from 1,722,313 to
         1,614,670 instructions in process (bench.instructions --shapes batch50)."""
         clean = self.cleaners[endpoint]
         tokens, rejected = [], []
