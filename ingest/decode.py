@@ -306,8 +306,8 @@ def decode_records(value):
     """The `data` parameter -> (list of raw records, plain: see loads_checked, brackets).
 
     `value`: str, or ASCII bytes, read as the same str (read_params keeps an ASCII JSON
-    body, and parse_ascii_pairs an ASCII form body's data, in bytes).  `brackets`: how many `{` and `[` the JSON text holds, counted at C
-    speed."""
+    body, and parse_ascii_pairs an ASCII form body's data, in bytes).  `brackets`: how
+    many `{` and `[` the JSON text holds, counted at C speed."""
     if type(value) is bytes:
         first = _FIRST_BYTE.match(value)
         json_text = first is not None and first.group(1) in b"{["

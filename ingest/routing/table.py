@@ -1,14 +1,15 @@
 """Routing tables: (endpoint, token) -> Kestrel queue, hot-token overflow, blocklist.
 
 What it is for: `RoutingTable.route()` answers for one record in O(1): a queue name, or
-`BLOCKED`; `route_many()` answers for a batch's records, as route() of each would.  Everything expensive (reading the routes
-file, validating it, building the dicts) happens once, in ingest/routing/routes_file.py,
-and a `Router` swaps a whole new table in with one attribute assignment on reload.
+`BLOCKED`; `route_many()` answers for a batch's records, as route() of each would.
+Everything expensive (reading the routes file, validating it, building the dicts)
+happens once, in ingest/routing/routes_file.py, and a `Router` swaps a whole new table
+in with one attribute assignment on reload.
 
 What it must not do: no sockets, no eventlet, no reading of the environment; per record
-nothing but a few dict operations and comparisons (no I/O, table scans or regexes).  Tables are immutable after
-build, except for their counters and the token-bucket state, which are plain ints/dicts
-updated in place.
+nothing but a few dict operations and comparisons (no I/O, table scans or regexes).
+Tables are immutable after build, except for their counters and the token-bucket state,
+which are plain ints/dicts updated in place.
 
 Layout (see docs/routing.md):
   _rows: token -> row, where a row is a small dict endpoint -> queue.  Rows are shared:

@@ -1,7 +1,8 @@
 """A batch cleaned record by record, then routed and encoded as a whole (App.route_batch,
 with RoutingTable.route_many and App.encode_run) ends exactly as route_all's per-record
-loop (route_all with batch=False) leaves it: the same queued pairs in order, rejections by index, reason
-and field, accepted count, rejection counts, routing counters and cleaned records.
+loop (route_all with batch=False) leaves it: the same queued pairs in order, rejections
+by index, reason and field, accepted count, rejection counts, routing counters and
+cleaned records.
 """
 import copy
 
