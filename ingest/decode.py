@@ -295,9 +295,12 @@ def nesting_bound(records, brackets):
     return brackets - 2 * shaped
 
 
-def _utf8(decoded):
+def _utf8(data):
+    """`data` as a str: a str as it is, bytes read as UTF-8 (or invalid_utf8)."""
+    if type(data) is str:
+        return data
     try:
-        return decoded.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise IngestError("invalid_utf8") from None
 
@@ -317,38 +320,26 @@ def decode_records(value):
     if first is None:
         raise IngestError("missing_data")
     # PERF: a regex finds the first non-space character without copying a 10 MB value.
-    if json_text:
-        text = value if type(value) is str else None     # made only for simplejson
-        try:
-            parsed, plain = _FAST_DECODER.decode(value), True
-        except Exception:
-            text = value.decode("ascii") if text is None else text
-            parsed, plain = strict_loads(text), False
-        if text is None:
-            decoded = value
-            brackets = value.count(b"{") + value.count(b"[")
-        else:
-            brackets = text.count("{") + text.count("[")
+    source = value if json_text else b64decode(value)
+    # PERF: msgspec reads bytes (an ASCII body's, or base64's UTF-8) themselves: decoding
+    # base64's to a str first cost a copy, and msgspec then encoded a str that is not
+    # ASCII back to UTF-8 (5 % of the mixed log's in-process instructions).  It refuses
+    # every invalid UTF-8 sequence (inside strings; outside them any byte above 0x7f is a
+    # syntax error), so a text it accepts is one the str path accepts alike; what it
+    # refuses goes the str path, which decides the error (invalid_utf8 first, as before).
+    try:
+        parsed, plain = _FAST_DECODER.decode(source), True
+    except Exception:
+        parsed, plain = strict_loads(_utf8(source)), False
+    # PERF: base64's counted in the bytes, 8.7 against 9.7 us for a 50-event batch; the
+    # same count, as UTF-8 never uses an ASCII byte inside a multi-byte character.
+    if type(source) is bytes:
+        brackets = source.count(b"{") + source.count(b"[")
     else:
-        decoded = b64decode(value)
-        text = None     # made only for simplejson
-        # PERF: msgspec reads the UTF-8 bytes themselves: decoding them to a str first
-        # cost a copy, and msgspec then encoded a str that is not ASCII back to UTF-8 (5 %
-        # of the mixed log's in-process instructions).  It refuses every invalid UTF-8
-        # sequence (inside strings; outside them any byte above 0x7f is a syntax error),
-        # so a text it accepts is one the str path accepts alike; what it refuses goes the
-        # str path, which decides the error (invalid_utf8 first, as before).
-        try:
-            parsed, plain = _FAST_DECODER.decode(decoded), True
-        except Exception:
-            text = _utf8(decoded)
-            parsed, plain = strict_loads(text), False
-        # PERF: counted in the bytes, 8.7 against 9.7 us for a 50-event batch; the same
-        # count, as UTF-8 never uses an ASCII byte inside a multi-byte character.
-        brackets = decoded.count(b"{") + decoded.count(b"[")
+        brackets = source.count("{") + source.count("[")
     if plain and brackets >= _MAYBE_TOO_DEEP and nesting_bound(
             parsed if isinstance(parsed, list) else [parsed], brackets) >= _MAYBE_TOO_DEEP:
-        parsed, plain = strict_loads(text if text is not None else _utf8(decoded)), False
+        parsed, plain = strict_loads(_utf8(source)), False
     if isinstance(parsed, dict):
         parsed = [parsed]
     elif not isinstance(parsed, list):

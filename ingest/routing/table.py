@@ -131,7 +131,10 @@ class RoutingTable:
 
         PERF: without overflow, a queue depends on the token alone: a batch whose records
         share one token (the usual) is looked up once and counted in one step, and any
-        other is looked up in one loop, without a route() call per record."""
+        other is looked up in one loop, without a route() call per record: that loop
+        repeats route()'s row lookup and unknown count, because a route() call per
+        record cost the mixed SDK log 5,000 instructions per request (1 %), and a
+        Counter of the tokens cost a 50-event batch 54,000."""
         if self._limiter is not None or self.strict_tokens:
             route = self.route
             return [route(endpoint, token, now) for token in tokens]

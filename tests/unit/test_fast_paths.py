@@ -378,7 +378,8 @@ def test_an_ascii_form_body_reads_as_its_text(pairs, ctype):
             assert fast[1] == exact[1]
 
 
-@pytest.mark.parametrize("data", [_EVENT_JSON.replace("é", "e"), "\n\x1c\t" + _EVENT_JSON[:-1].replace("é", "e"),
+@pytest.mark.parametrize("data", [_EVENT_JSON.replace("é", "e"),
+                                  "\n\x1c\t" + _EVENT_JSON[:-1].replace("é", "e"),
                                   " \x1f\n" + _EVENT_JSON.replace("é", "\\u00e9") + "\t\x1c",
                                   "[1e400]", "[NaN]", "[" * 500 + "]" * 500, "x"])
 def test_an_ascii_json_body_reads_as_its_text(data):
