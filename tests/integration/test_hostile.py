@@ -243,6 +243,44 @@ def test_declared_length_over_limit_gets_413_without_sending_the_body(limited):
     assert_clean(resp, 413)
 
 
+def test_expect_100_continue_gets_one_interim_answer_then_the_answer(default_worker):
+    """A client that waits for 100 Continue before sending its body (curl does for large
+    ones) gets exactly one, then the answer, and the connection serves the next request:
+    the interim answer goes through the connection's buffered writer, the answer straight
+    to the socket (wsgi_exchange.send_answer), in that order."""
+    body = ("data=" + quote(b64_json(event()))).encode()
+    head = request("POST", "/track", (("Content-Type", "application/x-www-form-urlencoded"),
+                                      ("Expect", "100-continue"),
+                                      ("Content-Length", str(len(body)))), close=False)
+    with connect(default_worker.port) as sock:
+        sock.sendall(head)
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = sock.recv(65536)
+            assert chunk, "closed before 100 Continue: %r" % interim
+            interim += chunk
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        resp, extra = read_response(sock)
+        assert_clean(resp, 200)
+        assert extra == b""
+        sock.sendall(request("GET", "/track?data=" + b64_json(event())))
+        resp, extra = read_response(sock)
+        assert_clean(resp, 200)
+        assert extra == b"" and sock.recv(1) == b""
+
+
+def test_expect_100_continue_refused_at_once_gets_no_interim_answer(limited):
+    raw = request("POST", "/track", (("Expect", "100-continue"), ("Content-Length", "99999")),
+                  close=False)
+    with connect(limited.port) as sock:
+        sock.sendall(raw)
+        resp, extra = read_response(sock)
+        assert_clean(resp, 413)
+        assert not resp.raw.startswith(b"HTTP/1.1 100")
+        assert extra == b"" and closed_by_peer(sock, 5.0)[1] == b""
+
+
 def test_chunked_body_over_limit_gets_413(limited):
     data = _form_body_of(LIMITS["max_body_bytes"] + 1)
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + 1000]), data[i:i + 1000])

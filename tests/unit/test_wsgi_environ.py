@@ -157,3 +157,85 @@ def test_a_passed_deadline_is_refused_before_any_recv():
     with pytest.raises(DeadlinePassed):
         rfile.readline()
     assert sock.recv_timeouts == [] and isinstance(DeadlinePassed(), TimeoutError)
+
+
+class GreenScripted(ScriptedSocket):
+    """A green socket's shape: `fd` (the kernel socket, answering from `now`, where
+    BlockingIOError means no data yet) beside the green recv_into and the wait
+    (_read_trampoline, which may raise what `waits` holds)."""
+
+    def __init__(self, now, chunks, waits=()):
+        super().__init__(chunks)
+        self.fd = ScriptedSocket(now)
+        self.waits = list(waits)
+        self.waited = 0
+
+    def _read_trampoline(self):
+        self.waited += 1
+        if self.waits:
+            raise self.waits.pop(0)
+
+
+def test_ready_data_is_read_from_the_kernel_socket_without_the_green_one():
+    sock = GreenScripted([b"GET / HTTP/1.1\r\n"], [])
+    raw, rfile = reader_over(sock)
+    assert rfile.readline() == b"GET / HTTP/1.1\r\n"
+    assert sock.recv_timeouts == [] and sock.waited == 0
+
+
+def test_no_data_yet_waits_once_then_reads_through_the_green_socket():
+    sock = GreenScripted([BlockingIOError()], [b"GET / HTTP/1.1\r\n"])
+    raw, rfile = reader_over(sock)
+    assert rfile.readline() == b"GET / HTTP/1.1\r\n"
+    assert sock.waited == 1 and sock.recv_timeouts == [5.0]
+
+
+def test_a_socket_closed_while_waiting_ends_the_read_as_eventlet_does():
+    from eventlet.hubs import IOClosed
+    sock = GreenScripted([BlockingIOError()], [], waits=[IOClosed()])
+    raw, rfile = reader_over(sock)
+    with pytest.raises(EOFError):
+        rfile.readline()
+
+
+def test_with_a_deadline_reads_go_through_the_green_socket():
+    sock = GreenScripted([b"never read"], [b"X-A: 1\r\n"])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() + 60
+    assert rfile.readline() == b"X-A: 1\r\n"
+    assert sock.fd.recv_timeouts == [] and sock.recv_timeouts == [5.0]
+
+
+# ---- send_answer: straight to the kernel socket, the green one for what is left ------------
+
+class SendScripted:
+    """`fd.send` takes at most `room` bytes (BlockingIOError when none); the green
+    sendall records what it was handed."""
+
+    def __init__(self, room):
+        outer = self
+        self.kernel, self.green = [], []
+
+        class Fd:
+            def send(self, data):
+                if not room:
+                    raise BlockingIOError()
+                outer.kernel.append(bytes(data[:room]))
+                return min(room, len(data))
+        self.fd = Fd()
+
+    def sendall(self, data):
+        self.green.append(bytes(data))
+
+
+@pytest.mark.parametrize("room, kernel, green", [
+    (1000, [b"HTTP/1.1 200 OK\r\n\r\n1"], []),
+    (5, [b"HTTP/"], [b"1.1 200 OK\r\n\r\n1"]),
+    (0, [], [b"HTTP/1.1 200 OK\r\n\r\n1"]),
+])
+def test_an_answer_goes_to_the_kernel_socket_and_the_rest_through_the_green_one(room, kernel,
+                                                                               green):
+    from ingest.wsgi_exchange import send_answer
+    conn = SendScripted(room)
+    send_answer(conn, b"HTTP/1.1 200 OK\r\n\r\n1")
+    assert conn.kernel == kernel and conn.green == green
