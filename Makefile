@@ -80,7 +80,7 @@ bench: venv-dev
 # connections, and through nginx in front of two workers. About 5 minutes.
 bench-http: venv-dev wrk nginx
 	$(PY) -m bench.wrk_bench --shapes single,batch50 --rounds 3 --duration 10 \
-	  --open-loop --soak 3000000 --wide 1000 --nginx
+	  --together 3 --open-loop --soak 3000000 --wide 1000 --nginx
 
 # Instructions per request under callgrind: steady where wrk's rates are not.
 bench-instructions: venv-dev valgrind

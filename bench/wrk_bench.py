@@ -18,6 +18,13 @@ where the next person should look.
 
 Further modes (each reported after the ratios):
 
+    --together N  N rounds of the hello-world and the worker at the same time, both on
+                  core 0, each under its own wrk on core 1.  This machine's speed drifts
+                  by up to 2x within seconds (the hello-world alone: 89 to 179 us of CPU
+                  per request in one session), which the alternating rounds above see as
+                  noise in their ratio; running both at once exposes them to the same
+                  drift.  The ratios of requests/s and of CPU per request (from /proc)
+                  are both reported.
     --open-loop   latency at 75% of each shape's measured capacity, paced: 50 wrk
                   connections each waiting a random delay before every request (closed-loop
                   p99 at 100 connections is only connections / throughput); the
@@ -83,16 +90,19 @@ _LATENCY = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def run_wrk(port, path, script, duration, connections, workdir):
+def wrk_argv(port, path, script, duration, connections, workdir, name="request"):
     argv = ["wrk", "-t1", "-c%d" % connections, "-d%ds" % duration, "--latency"]
     if script:
-        script_path = os.path.join(workdir, "request.lua")
+        script_path = os.path.join(workdir, "%s.lua" % name)
         with open(script_path, "w") as fh:
             fh.write(script)
         argv += ["-s", script_path]
     argv.append("http://%s:%d%s" % (LOOPBACK, port, path))
-    out = subprocess.run(pinned(LOAD_CPU, argv), capture_output=True, text=True,
-                         timeout=duration + 30).stdout
+    return pinned(LOAD_CPU, argv)
+
+
+def wrk_result(out):
+    """What wrk's report `out` says: requests, seconds, non-2xx, socket errors, p50/p99."""
     total = re.search(r"(\d+) requests in ([\d.]+)(s|m)", out)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
@@ -101,6 +111,12 @@ def run_wrk(port, path, script, duration, connections, workdir):
             "non_2xx": int(bad.group(1)) if bad else 0,
             "socket_errors": errors.group(1) if errors else "",
             "p50_ms": lat.get("50"), "p99_ms": lat.get("99")}
+
+
+def run_wrk(port, path, script, duration, connections, workdir):
+    out = subprocess.run(wrk_argv(port, path, script, duration, connections, workdir),
+                         capture_output=True, text=True, timeout=duration + 30).stdout
+    return wrk_result(out)
 
 
 def measure(pid, port, shape, args, workdir, queue=None):
@@ -150,6 +166,61 @@ def one_round(shape, args, workdir, queue):
     finally:
         worker.proc.stop()
     return base, target
+
+
+def together_round(shape, args, workdir, queue):
+    """The hello-world and the worker at the same time, both on core 0, each under its
+    own wrk on core 1: whatever the machine's speed does during the round, it does to
+    both.  Returns (hello, worker) results like measure()'s (no RSS)."""
+    path, script, events = shape_request(shape)
+    hello, hello_port = start_hello(workdir)
+    worker = start_worker(workdir, queue)
+    try:
+        servers = (("hello", hello.pid, hello_port), ("worker", worker.proc.pid, worker.port))
+        for _name, _pid, port in servers:
+            run_wrk(port, path, script, 1, args.connections, workdir)     # warm up
+        cpu0 = [cpu_seconds(pid) for _name, pid, _port in servers]
+        runs = [subprocess.Popen(wrk_argv(port, path, script, args.duration, args.connections,
+                                          workdir, name), stdout=subprocess.PIPE, text=True)
+                for name, _pid, port in servers]
+        outs = [run.communicate(timeout=args.duration + 30)[0] for run in runs]
+        results = []
+        for (_name, pid, _port), out, start in zip(servers, outs, cpu0):
+            r = wrk_result(out)
+            cpu = cpu_seconds(pid) - start
+            r["rps"] = r["requests"] / r["seconds"]
+            r["events_per_s"] = r["rps"] * events
+            r["cpu_share"] = cpu / r["seconds"]
+            r["cpu_us_per_request"] = cpu / max(r["requests"], 1) * 1e6
+            results.append(r)
+    finally:
+        worker.proc.stop()
+        hello.stop()
+    return results
+
+
+def together(args, workdir, queue, summary):
+    """--together: rounds of together_round per shape, and the medians of their ratios."""
+    for shape in args.shapes.split(","):
+        ratios, cpu_ratios, rows = [], [], []
+        for n in range(args.together):
+            base, target = together_round(shape, args, workdir, queue)
+            ratios.append(target["rps"] / base["rps"])
+            cpu_ratios.append(base["cpu_us_per_request"] / target["cpu_us_per_request"])
+            rows.append({"hello": base, "worker": target})
+            print("%s together, round %d: hello %.0f req/s %.1f us CPU/request, worker %.0f"
+                  " req/s %.0f events/s %.1f us CPU/request (%.0f events per CPU-second);"
+                  " ratio %.3f (by CPU per request %.3f)"
+                  % (shape, n + 1, base["rps"], base["cpu_us_per_request"], target["rps"],
+                     target["events_per_s"], target["cpu_us_per_request"],
+                     target["events_per_s"] / max(target["cpu_share"], 1e-9), ratios[-1],
+                     cpu_ratios[-1]))
+            sys.stdout.flush()
+        summary.setdefault(shape, {})["together"] = {
+            "rounds": rows, "median_ratio": statistics.median(ratios),
+            "median_cpu_ratio": statistics.median(cpu_ratios)}
+        print("%s together: median ratio worker/hello %.3f (CPU %.3f) over %d rounds"
+              % (shape, statistics.median(ratios), statistics.median(cpu_ratios), args.together))
 
 
 def report_line(label, r):
@@ -257,6 +328,8 @@ def through_nginx(args, workdir):
 
 
 def extra_modes(args, workdir, queue, summary):
+    if args.together:
+        together(args, workdir, queue, summary)
     if args.open_loop:
         for shape in args.shapes.split(","):
             capacity = statistics.median(r["worker"]["rps"] for r in summary[shape]["rounds"])
@@ -291,6 +364,8 @@ def main(argv=None):
     p.add_argument("--connections", type=int, default=100)
     p.add_argument("--out", default=None)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--together", type=int, default=0, metavar="ROUNDS",
+                   help="also ROUNDS rounds of the hello-world and the worker at once")
     p.add_argument("--open-loop", action="store_true")
     p.add_argument("--soak", type=int, default=0, help="events of batch50 before the RSS reading")
     p.add_argument("--wide", type=int, default=1000, help="connections for the wide RSS reading")
