@@ -57,6 +57,24 @@ class GreenLatch:
     def is_set(self):
         return self._set
 
+    @staticmethod
+    def set_all(latches):
+        """set() on each of `latches`, their waiters woken one after another by a single
+        hub callback.
+
+        PERF: BatchingSink wakes every request of a write at once; a timer (a Timer
+        object, a heap push and pop, its call) per request was a fifth of the hub's
+        Python calls under wrk's 100 connections."""
+        waiters = []
+        for latch in latches:
+            latch._set = True
+            waiter = latch._waiter
+            if waiter is not None:
+                latch._waiter = None
+                waiters.append(waiter)
+        if waiters:
+            eventlet.hubs.get_hub().schedule_call_global(0, _switch_each, waiters)
+
     def wait(self):
         """Return once set() was called (at once if it was)."""
         while not self._set:
@@ -67,6 +85,12 @@ class GreenLatch:
                 # Killed while waiting (a Timeout, GreenletExit): a later set() must not
                 # switch into this green thread.
                 self._waiter = None
+
+
+def _switch_each(waiters):
+    """In the hub: run each green thread until it waits again, one after the other."""
+    for waiter in waiters:
+        waiter.switch()
 
 
 # The body of every answer the HTTP parser gives itself (the catalogue's wording).

@@ -56,8 +56,10 @@ class BatchingSink:
     def __init__(self, inner, writers=1, max_batch_records=5000, event_factory=None):
         self.inner = inner
         self.max_batch_records = max_batch_records
-        # Anything with set() and wait(); the server passes a cheaper green one.
+        # Anything with set() and wait(); the server passes a cheaper green one, whose
+        # set_all() wakes a whole write's requests at once.
         self._event = event_factory or threading.Event
+        self._set_all = getattr(self._event, "set_all", None)
         self._cond = threading.Condition(threading.Lock())
         self._queue = collections.deque()
         self._writers = writers
@@ -136,9 +138,14 @@ class BatchingSink:
             else:
                 pairs = [pair for waiter in taken for pair in waiter.pairs]
             error = self._write(pairs)
-            for waiter in taken:
-                waiter.error = _share_of(error, waiter.pairs)
-                waiter.done.set()
+            if error is not None:
+                for waiter in taken:
+                    waiter.error = _share_of(error, waiter.pairs)
+            if self._set_all is not None:
+                self._set_all([waiter.done for waiter in taken])
+            else:
+                for waiter in taken:
+                    waiter.done.set()
 
     def ready(self):
         return self.inner.ready()

@@ -1,6 +1,7 @@
 """GreenLatch (ingest/wsgi_server.py), the one-shot event a request queued in
-BatchingSink waits on: set before or after the wait, and a waiter killed or timed out
-before the set.  Green threads on eventlet's hub, no sockets."""
+BatchingSink waits on: set before or after the wait, a waiter killed or timed out before
+the set, a whole write's latches set at once; and BatchingSink with it.  Green threads
+on eventlet's hub, no sockets."""
 import time
 import warnings
 
@@ -10,7 +11,12 @@ with warnings.catch_warnings():
 
 import pytest
 
+from ingest.sinks import SinkUnavailable
 from ingest.wsgi_server import GreenLatch
+
+# The worker runs monkey-patched: its BatchingSink's threading is green.  This test process
+# is not, so the module is imported with green threading for the sink's tests.
+BatchingSink = eventlet.import_patched("ingest.sinks.batching").BatchingSink
 
 
 def test_a_latch_set_before_the_wait_returns_at_once():
@@ -75,3 +81,66 @@ def test_a_set_after_the_wait_timed_out_does_not_wake_the_thread_elsewhere():
         thread.wait()
     assert state["slept"] >= 0.3
     latch.wait()          # set: returns at once
+
+
+def test_set_all_wakes_every_waiter_in_order_and_skips_the_gone():
+    latches = [GreenLatch() for _ in range(4)]
+    order = []
+
+    def waiter(i):
+        latches[i].wait()
+        order.append(i)
+
+    threads = [eventlet.spawn(waiter, i) for i in range(4)]
+    eventlet.sleep(0)
+    threads[2].kill()                      # gave up before the set
+    latches[3].set()                       # set earlier: its waiter is already scheduled
+    GreenLatch.set_all(latches)
+    with eventlet.Timeout(5):
+        for i in (0, 1, 3):
+            threads[i].wait()
+    assert sorted(order) == [0, 1, 3] and order.index(0) < order.index(1)
+    assert all(latch.is_set() for latch in latches)
+
+
+class SlowSink:
+    """An inner sink whose put waits (green) so requests queue behind it; refuses the
+    pairs whose payload is b"refuse" when `refuse` is set."""
+
+    def __init__(self):
+        self.puts = []
+
+    def put(self, pairs):
+        self.puts.append(list(pairs))
+        eventlet.sleep(0.01)
+        refused = [pair for pair in pairs if pair[1] == b"refuse"]
+        if refused:
+            raise SinkUnavailable("refused", None, refused)
+
+    def ready(self):
+        return True
+
+
+def test_requests_queued_behind_a_write_share_the_next_one_and_their_outcome():
+    sink = BatchingSink(SlowSink(), event_factory=GreenLatch)
+    outcome = {}
+
+    def request(name, payload):
+        try:
+            sink.put([("events", payload)])
+            outcome[name] = "stored"
+        except SinkUnavailable as exc:
+            outcome[name] = [pair[1] for pair in exc.remaining]
+
+    first = eventlet.spawn(request, "first", b"a")
+    eventlet.sleep(0)                      # the first write is under way
+    queued = [eventlet.spawn(request, name, payload) for name, payload in
+              (("b", b"b"), ("refused", b"refuse"), ("c", b"c"))]
+    with eventlet.Timeout(5):
+        for thread in [first] + queued:
+            thread.wait()
+    sink.close()
+    assert sink.inner.puts == [[("events", b"a")],
+                               [("events", b"b"), ("events", b"refuse"), ("events", b"c")]]
+    assert outcome == {"first": "stored", "b": "stored", "refused": [b"refuse"],
+                       "c": "stored"}
