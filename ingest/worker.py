@@ -45,7 +45,7 @@ from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.kestrel import KestrelSink
 from ingest.sinks.spool import Spool
 from ingest.sinks.spool_log import SpoolNotices
-from ingest.wsgi_server import GreenLatch, IngestProtocol, PatientListener
+from ingest.wsgi_server import GreenLatch, IngestProtocol, PatientListener, os_lock
 
 log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.
@@ -89,7 +89,8 @@ def build_sink(settings):
                     retry_ms=settings.kestrel_retry_ms,
                     pool_size=settings.kestrel_pool_size)
     kestrel = KestrelSink(client)
-    batched = BatchingSink(kestrel, writers=settings.kestrel_writers, event_factory=GreenLatch)
+    batched = BatchingSink(kestrel, writers=settings.kestrel_writers, event_factory=GreenLatch,
+                           lock=os_lock())
     if not settings.spool:
         return batched, client, None
     spool = Spool(settings.spool, sync_ms=settings.spool_sync_ms,

@@ -53,14 +53,20 @@ class BatchingSink:
     for the writer threads as before.
     """
 
-    def __init__(self, inner, writers=1, max_batch_records=5000, event_factory=None):
+    def __init__(self, inner, writers=1, max_batch_records=5000, event_factory=None,
+                 lock=None):
         self.inner = inner
         self.max_batch_records = max_batch_records
         # Anything with set() and wait(); the server passes a cheaper green one, whose
         # set_all() wakes a whole write's requests at once.
         self._event = event_factory or threading.Event
         self._set_all = getattr(self._event, "set_all", None)
-        self._cond = threading.Condition(threading.Lock())
+        # `lock`: the server passes an operating-system lock (PERF: a green one is about
+        # ten Python calls per request to take and give back).  Nothing here waits or
+        # yields while holding it; Condition.wait gives it up before waiting.
+        self._lock = lock if lock is not None else threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._idle_writers = 0     # writer threads waiting in _take: only they need notify
         self._queue = collections.deque()
         self._writers = writers
         self._writing = 0          # writes in flight: the writer threads' and direct ones
@@ -73,7 +79,7 @@ class BatchingSink:
             t.start()
 
     def put(self, pairs):
-        with self._cond:
+        with self._lock:
             if self._stopping:
                 # The writer threads end once the queue is empty: a request queued now
                 # would wait for ever.
@@ -84,7 +90,8 @@ class BatchingSink:
             else:
                 waiter = _Waiter(pairs, self._event())
                 self._queue.append(waiter)
-                self._cond.notify()
+                if self._idle_writers:
+                    self._cond.notify()
         if direct:
             error = _share_of(self._write(pairs), pairs)
             if error is not None:
@@ -105,11 +112,11 @@ class BatchingSink:
         except Exception as exc:  # never leave a request waiting forever
             error = SinkUnavailable("sink failed: %s" % exc)
         finally:
-            with self._cond:
+            with self._lock:
                 self._writing -= 1
                 self.batches += 1
                 self.records += len(pairs)
-                if self._queue:
+                if self._queue and self._idle_writers:
                     self._cond.notify()     # a writer thread may take what queued
         return error
 
@@ -118,7 +125,11 @@ class BatchingSink:
             while not self._queue or self._writing >= self._writers:
                 if self._stopping and not self._queue:
                     return None
-                self._cond.wait()
+                self._idle_writers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._idle_writers -= 1
             taken, count = [], 0
             while self._queue and (not taken or count + len(self._queue[0].pairs)
                                    <= self.max_batch_records):

@@ -12,7 +12,7 @@ with warnings.catch_warnings():
 import pytest
 
 from ingest.sinks import SinkUnavailable
-from ingest.wsgi_server import GreenLatch
+from ingest.wsgi_server import GreenLatch, os_lock
 
 # The worker runs monkey-patched: its BatchingSink's threading is green.  This test process
 # is not, so the module is imported with green threading for the sink's tests.
@@ -121,8 +121,9 @@ class SlowSink:
         return True
 
 
-def test_requests_queued_behind_a_write_share_the_next_one_and_their_outcome():
-    sink = BatchingSink(SlowSink(), event_factory=GreenLatch)
+@pytest.mark.parametrize("lock", [None, os_lock], ids=["green lock", "os lock"])
+def test_requests_queued_behind_a_write_share_the_next_one_and_their_outcome(lock):
+    sink = BatchingSink(SlowSink(), event_factory=GreenLatch, lock=lock and lock())
     outcome = {}
 
     def request(name, payload):
