@@ -305,6 +305,21 @@ def _utf8(data):
         raise IngestError("invalid_utf8") from None
 
 
+def _square_brackets(text):
+    """How many `[` `text` (bytes or str) holds.
+
+    PERF: a batch usually holds one, the outer array's; count() reads every byte (7 %
+    of a 50-event batch's instructions for both brackets) where find() (memchr) skips
+    to the next one, so the count runs only when there is a second."""
+    bracket = b"[" if type(text) is bytes else "["
+    first = text.find(bracket)
+    if first < 0:
+        return 0
+    if text.find(bracket, first + 1) < 0:
+        return 1
+    return text.count(bracket)
+
+
 def decode_records(value):
     """The `data` parameter -> (list of raw records, plain: see loads_checked, brackets).
 
@@ -333,10 +348,7 @@ def decode_records(value):
         parsed, plain = strict_loads(_utf8(source)), False
     # PERF: base64's counted in the bytes, 8.7 against 9.7 us for a 50-event batch; the
     # same count, as UTF-8 never uses an ASCII byte inside a multi-byte character.
-    if type(source) is bytes:
-        brackets = source.count(b"{") + source.count(b"[")
-    else:
-        brackets = source.count("{") + source.count("[")
+    brackets = source.count(b"{" if type(source) is bytes else "{") + _square_brackets(source)
     if plain and brackets >= _MAYBE_TOO_DEEP and nesting_bound(
             parsed if isinstance(parsed, list) else [parsed], brackets) >= _MAYBE_TOO_DEEP:
         parsed, plain = strict_loads(_utf8(source)), False

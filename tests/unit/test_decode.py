@@ -202,3 +202,14 @@ def test_moderate_nesting_is_fine():
 def test_lone_surrogate_escape_decodes_and_is_left_to_the_app():
     # The app refuses to queue it (test_app); decoding itself must not crash.
     assert decode.decode_data('{"event":"\\ud800"}') == [{"event": "\ud800"}]
+
+
+@pytest.mark.parametrize("records", [
+    [], [{}], [{"a": [1, 2]}], [[], [[]], {"b": "[", "c": "{["}], {"x": {"y": {}}},
+    [{"event": "e", "properties": {"token": "t", "list": ["[", "]"]}}] * 3,
+])
+@pytest.mark.parametrize("form", ["json", "json bytes", "base64"])
+def test_brackets_are_every_curly_and_square_one_of_the_json_text(records, form):
+    text = json.dumps(records, separators=(",", ":"))
+    value = {"json": text, "json bytes": text.encode(), "base64": b64(text)}[form]
+    assert decode.decode_records(value)[2] == text.count("{") + text.count("[")
