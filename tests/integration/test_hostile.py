@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import time
 import zlib
 from urllib.parse import quote
@@ -279,6 +280,23 @@ def test_expect_100_continue_refused_at_once_gets_no_interim_answer(limited):
         assert_clean(resp, 413)
         assert not resp.raw.startswith(b"HTTP/1.1 100")
         assert extra == b"" and closed_by_peer(sock, 5.0)[1] == b""
+
+
+@pytest.mark.parametrize("partial", [
+    b"GET /track?data=",
+    b"POST /track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le",
+    b"POST /track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\ndata=abc",
+], ids=["request line", "headers", "body"])
+def test_a_client_resetting_mid_request_leaves_no_traceback(default_worker, partial):
+    """A reset (RST) while the worker waits for the rest of a request ends that
+    connection quietly, as the end of the stream would; everyone else is served."""
+    before = default_worker.proc.output(limit=1 << 20).count("Traceback")
+    sock = connect(default_worker.port)
+    sock.sendall(partial)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    assert_alive(default_worker)
+    assert default_worker.proc.output(limit=1 << 20).count("Traceback") == before
 
 
 def test_chunked_body_over_limit_gets_413(limited):

@@ -239,3 +239,11 @@ def test_an_answer_goes_to_the_kernel_socket_and_the_rest_through_the_green_one(
     conn = SendScripted(room)
     send_answer(conn, b"HTTP/1.1 200 OK\r\n\r\n1")
     assert conn.kernel == kernel and conn.green == green
+
+
+def test_a_reset_on_the_kernel_socket_is_read_the_way_eventlet_reads_it():
+    """eventlet's green recv reads a reset connection as the end of the stream; the
+    direct read leaves any error but "no data yet" to it."""
+    sock = GreenScripted([ConnectionResetError()], [b""])
+    raw, rfile = reader_over(sock)
+    assert rfile.readline() == b"" and sock.waited == 0 and sock.recv_timeouts == [5.0]
