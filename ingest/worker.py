@@ -45,7 +45,8 @@ from ingest.sinks.forwarder import Forwarder
 from ingest.sinks.kestrel import KestrelSink
 from ingest.sinks.spool import Spool
 from ingest.sinks.spool_log import SpoolNotices
-from ingest.wsgi_server import GreenLatch, IngestProtocol, PatientListener, os_lock
+from ingest.green import GreenLatch, os_lock
+from ingest.wsgi_server import IngestProtocol, PatientListener
 
 log = logging.getLogger("ingest.worker")
 # How often the supervising green thread looks at the signal flags.

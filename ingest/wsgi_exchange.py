@@ -152,13 +152,15 @@ def respond(protocol):
         protocol.server.log.info(traceback.format_exc())
         status, headers, body = ("500 Internal Server Error",
                                  [("Content-type", "text/plain"), ("Content-length", "0")], b"")
-    _write(protocol, status, headers, body)
+    _write(protocol, status, headers, body, request_input.is_hundred_continue_response_sent)
     sent.append(1)
     _finish(protocol, request_input)
 
 
-def _write(protocol, status, headers, body):
-    """Status line, the app's headers, Date and Connection, body: one write."""
+def _write(protocol, status, headers, body, after_continue=False):
+    """Status line, the app's headers, Date and Connection, body: one write.
+    `after_continue`: a 100 Continue went through the buffered writer, which may still
+    hold part of it (a flush that timed out): the answer follows it there."""
     lines = ["%s %s" % (protocol.protocol_version, status)]
     lines += ["%s: %s" % pair for pair in headers]
     lines.append("Date: " + http_date())
@@ -177,7 +179,12 @@ def _write(protocol, status, headers, body):
         protocol.close_connection = 1
         lines.append("Connection: close")
     lines.append("\r\n")
-    send_answer(protocol.connection, "\r\n".join(lines).encode("latin-1") + body)
+    data = "\r\n".join(lines).encode("latin-1") + body
+    if after_continue:
+        protocol.wfile.write(data)
+        protocol.wfile.flush()
+    else:
+        send_answer(protocol.connection, data)
 
 
 def send_answer(conn, data):
@@ -186,9 +193,9 @@ def send_answer(conn, data):
     is left.
 
     PERF: the connection's buffered writer, socket.SocketIO and GreenSocket.send are four
-    Python calls per answer around one send().  Nothing else on the connection is left
-    in that writer when an answer goes out: what is written to it (a 100 Continue, an
-    error answer) is flushed at once."""
+    Python calls per answer around one send().  The answers written to that writer
+    instead (eventlet's and the parser's refusals) close the connection, and an answer
+    after a 100 Continue goes through it (_write)."""
     try:
         sent = conn.fd.send(data)
     except BlockingIOError:

@@ -6,11 +6,11 @@
                      the header block or body being read
     DeadlineInput    wsgi.input with one deadline for the whole body
     PatientListener  the listening socket, with an accept() that survives EMFILE/ENFILE
-    GreenLatch       the cheap one-shot event BatchingSink waits on
 
 What it must not do: hold application logic (that is ingest/http/, plain WSGI), or let a
-client's malformed or slow request reach the app.  With ingest/worker.py (the bootstrap)
-and ingest/queue/ it is one of the places that touch eventlet.
+client's malformed or slow request reach the app.  With ingest/worker.py (the bootstrap),
+ingest/wsgi_exchange.py, ingest/green.py and ingest/queue/ it is one of the places that
+touch eventlet.
 """
 import errno
 import io
@@ -20,11 +20,10 @@ import socket
 import time
 
 import eventlet
-import eventlet.hubs
-import eventlet.patcher
 import eventlet.wsgi
-import greenlet
+from eventlet.greenio.base import SOCKET_CLOSED
 from eventlet.hubs import IOClosed
+from eventlet.support import get_errno
 
 from ingest import errors
 from ingest.http.answers import json_body
@@ -32,77 +31,6 @@ from ingest.http.headers import parse_plain
 from ingest.wsgi_exchange import _Replay, build_environ, respond
 
 log = logging.getLogger("ingest.worker")
-
-
-class GreenLatch:
-    """A one-shot event with threading.Event's set()/wait(), for green threads.
-
-    PERF: BatchingSink makes one per queued request.  eventlet.event.Event costs ~0.4 us
-    to create (a monkey-patched threading.Event ~2.6 us) and wakes its waiter through a
-    second function (_do_send) scheduled on the hub; here the waiter's own switch is
-    scheduled, and there is no waiter set."""
-
-    __slots__ = ("_waiter", "_set")
-
-    def __init__(self):
-        self._waiter = None
-        self._set = False
-
-    def set(self):
-        self._set = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            eventlet.hubs.get_hub().schedule_call_global(0, waiter.switch)
-
-    def is_set(self):
-        return self._set
-
-    @staticmethod
-    def set_all(latches):
-        """set() on each of `latches`, their waiters woken one after another by a single
-        hub callback.
-
-        PERF: BatchingSink wakes every request of a write at once; a timer (a Timer
-        object, a heap push and pop, its call) per request was a fifth of the hub's
-        Python calls under wrk's 100 connections."""
-        waiters = []
-        for latch in latches:
-            latch._set = True
-            waiter = latch._waiter
-            if waiter is not None:
-                latch._waiter = None
-                waiters.append(waiter)
-        if waiters:
-            eventlet.hubs.get_hub().schedule_call_global(0, _switch_each, waiters)
-
-    def wait(self):
-        """Return once set() was called (at once if it was)."""
-        while not self._set:
-            self._waiter = greenlet.getcurrent()
-            try:
-                eventlet.hubs.get_hub().switch()
-            finally:
-                # Killed while waiting (a Timeout, GreenletExit): a later set() must not
-                # switch into this green thread.
-                self._waiter = None
-
-
-_os_thread = eventlet.patcher.original("_thread")
-
-
-def os_lock():
-    """A lock of the operating system's, unpatched: for green threads' critical sections
-    that never wait or yield inside (BatchingSink's), where taking eventlet's green lock
-    costs about ten Python calls and this one none.  A green thread that waited while
-    holding it would block every other green thread trying to take it."""
-    return _os_thread.allocate_lock()
-
-
-def _switch_each(waiters):
-    """In the hub: run each green thread until it waits again, one after the other."""
-    for waiter in waiters:
-        waiter.switch()
 
 
 # The body of every answer the HTTP parser gives itself (the catalogue's wording).
@@ -149,6 +77,85 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         self.rfile = io.BufferedReader(self.reader, io.DEFAULT_BUFFER_SIZE)
         self.wfile = conn.makefile("wb", self.wbufsize)
 
+    def handle_one_request(self):
+        """eventlet's HttpProtocol.handle_one_request (0.41.3), step for step and answer
+        for answer, without its per-request wrappers.
+
+        PERF: eventlet sets the socket's timeout twice around every request line (the
+        keep-alive wait, then the read timeout back) and reads the header lines through
+        a Python wrapper (FileObjectForHeaders) that adds up their sizes.  Here the
+        keep-alive wait is the reader's idle_timeout, looked at only when a read has to
+        wait, and _parse_head checks the sizes as it reads; the standard parser's paths
+        still read through eventlet's wrapper."""
+        server = self.server
+        if server.max_http_version:
+            self.protocol_version = server.max_http_version
+        self.raw_requestline = line = self._read_request_line()
+        self.conn_state[2] = eventlet.wsgi.STATE_REQUEST
+        if not line:
+            self.close_connection = 1
+            return
+        if len(line) >= server.url_length_limit:
+            self.wfile.write(eventlet.wsgi.RESPONSE_414)
+            self.close_connection = 1
+            return
+        try:
+            if not self.parse_request():
+                return
+        except eventlet.wsgi.HeaderLineTooLong:
+            self.wfile.write(b"HTTP/1.0 400 Header Line Too Long\r\n"
+                             b"Connection: close\r\nContent-length: 0\r\n\r\n")
+            self.close_connection = 1
+            return
+        except eventlet.wsgi.HeadersTooLarge:
+            self.wfile.write(b"HTTP/1.0 400 Headers Too Large\r\n"
+                             b"Connection: close\r\nContent-length: 0\r\n\r\n")
+            self.close_connection = 1
+            return
+        # eventlet's own framing checks: a Content-Length that is not a non-negative
+        # integer cannot reach here (_checked_framing), both framings together can.
+        headers = self.headers
+        if headers.get("content-length") is not None and \
+                headers.get("transfer-encoding") is not None:
+            self.wfile.write(_BOTH_FRAMINGS)
+            self.close_connection = 1
+            return
+        self.environ = self.get_environ()
+        self.application = server.app
+        try:
+            server.outstanding_requests += 1
+            try:
+                self.handle_one_response()
+            except OSError as e:
+                if get_errno(e) not in eventlet.wsgi.BROKEN_SOCK:
+                    raise
+        finally:
+            server.outstanding_requests -= 1
+
+    def _read_request_line(self):
+        """The next request line, waiting for it up to the keep-alive timeout (eventlet's
+        method, with that timeout given to the reader instead of the socket)."""
+        if self.rfile.closed:
+            self.close_connection = 1
+            return ""
+        server = self.server
+        keepalive = server.keepalive
+        reader = self.reader
+        if keepalive and not isinstance(keepalive, bool):
+            reader.idle_timeout = keepalive
+        try:
+            return self.rfile.readline(server.url_length_limit)
+        except OSError as e:
+            last_errno = get_errno(e)
+            if last_errno in eventlet.wsgi.BROKEN_SOCK:
+                server.log.debug("(%s) connection reset by peer %r"
+                                 % (server.pid, self.client_address))
+            elif last_errno not in eventlet.wsgi.BAD_SOCK:
+                raise
+        finally:
+            reader.idle_timeout = None
+        return ""
+
     def send_error(self, code, message=None, explain=None):
         if code >= 500:   # 501/505 for a bad method or version: the client's fault, say 400
             code = 400
@@ -194,16 +201,24 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
         words = requestline.split()
         if len(words) != 3:
-            return super().parse_request()     # refused there, or HTTP/0.9 (no headers)
+            return self._reparse([], 0)        # refused there, or HTTP/0.9
         lines = []
         readline = self.rfile.readline
+        # eventlet's limits (FileObjectForHeaders): each line, and the block as a whole.
+        line_limit = eventlet.wsgi.MAX_HEADER_LINE
+        total = 0
         while True:
             line = readline(65537)
+            if len(line) >= line_limit:
+                raise eventlet.wsgi.HeaderLineTooLong()
+            total += len(line)
+            if total > eventlet.wsgi.MAX_TOTAL_HEADER_SIZE:
+                raise eventlet.wsgi.HeadersTooLarge()
             if line in (b"\r\n", b"\n", b""):
                 break
             lines.append(line)
             if len(lines) >= 100 or len(line) > 65536:
-                return self._reparse(lines)    # the standard parser's limits decide
+                return self._reparse(lines, total)     # the standard parser's limits decide
         fast = (words[2] in _FAST_VERSIONS and words[1][:2] != "//"
                 and self.protocol_version == "HTTP/1.1")
         headers = parse_plain(lines) if fast else None
@@ -216,7 +231,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
                 self.command = None
                 self.send_error(400)
                 return False
-            return self._reparse(lines + [line])
+            return self._reparse(lines + [line], total)
         self.command, self.path, self.request_version = words
         self.requestline = requestline
         self.headers = headers
@@ -230,10 +245,13 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
             return self.handle_expect_100()
         return True
 
-    def _reparse(self, lines):
-        """Hand the bytes already read to the standard library's parser, as if unread."""
+    def _reparse(self, lines, total):
+        """Hand the bytes already read (`total` of them) to the standard library's
+        parser, as if unread; what it reads on goes through eventlet's size limits."""
         real = self.rfile
-        self.rfile = _Replay(lines, real)
+        limited = eventlet.wsgi.FileObjectForHeaders(real)
+        limited.total_header_size = total
+        self.rfile = _Replay(lines, limited)
         try:
             return super().parse_request()
         finally:
@@ -297,6 +315,11 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
 
 _FAST_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 
+# eventlet's answer to a request with both a Content-Length and a Transfer-Encoding.
+_BOTH_MESSAGE = b"Content-Length and Transfer-Encoding are not allowed together\n"
+_BOTH_FRAMINGS = (b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\nContent-Length: %d\r\n"
+                  b"\r\n%s" % (len(_BOTH_MESSAGE), _BOTH_MESSAGE))
+
 
 class DeadlinePassed(TimeoutError):
     """The header block or body being read did not arrive within its deadline."""
@@ -316,6 +339,7 @@ class DeadlineReader(io.RawIOBase):
     def __init__(self, sock):
         self.sock = sock
         self.deadline = None
+        self.idle_timeout = None     # while a request line is awaited: the keep-alive wait
         # PERF: the kernel socket under eventlet's green one, read directly while there is
         # data (GreenSocket.recv_into and its retry loop are two Python calls per read).
         fd = getattr(sock, "fd", None)
@@ -331,19 +355,29 @@ class DeadlineReader(io.RawIOBase):
         deadline = self.deadline
         if deadline is None:
             recv_now = self._recv_now
-            if recv_now is not None:
+            if recv_now is None:
+                return self.sock.recv_into(buf)
+            sock = self.sock
+            while True:
                 try:
                     return recv_now(buf)
                 except BlockingIOError:
-                    # Nothing yet: wait the way GreenSocket.recv_into does (its socket
-                    # timeout, a close from another green thread), then read through it.
-                    try:
-                        self.sock._read_trampoline()
-                    except IOClosed:
-                        raise EOFError() from None
-                except OSError:
-                    pass     # the green socket decides: a reset reads as the end there
-            return self.sock.recv_into(buf)
+                    pass
+                except OSError as e:
+                    # As GreenSocket.recv_into: a reset or shut socket is the end of it.
+                    if get_errno(e) in SOCKET_CLOSED:
+                        return 0
+                    raise
+                # Nothing yet: wait as GreenSocket.recv_into does (a close from another
+                # green thread ends the read), for the keep-alive wait or the socket's
+                # timeout.
+                idle = self.idle_timeout
+                try:
+                    sock._trampoline(sock.fd, read=True,
+                                     timeout=sock.gettimeout() if idle is None else idle,
+                                     timeout_exc=socket.timeout("timed out"))
+                except IOClosed:
+                    raise EOFError() from None
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlinePassed()

@@ -1,4 +1,4 @@
-"""GreenLatch (ingest/wsgi_server.py), the one-shot event a request queued in
+"""GreenLatch (ingest/green.py), the one-shot event a request queued in
 BatchingSink waits on: set before or after the wait, a waiter killed or timed out before
 the set, a whole write's latches set at once; and BatchingSink with it.  Green threads
 on eventlet's hub, no sockets."""
@@ -12,7 +12,7 @@ with warnings.catch_warnings():
 import pytest
 
 from ingest.sinks import SinkUnavailable
-from ingest.wsgi_server import GreenLatch, os_lock
+from ingest.green import GreenLatch, os_lock
 
 # The worker runs monkey-patched: its BatchingSink's threading is green.  This test process
 # is not, so the module is imported with green threading for the sink's tests.
@@ -103,16 +103,61 @@ def test_set_all_wakes_every_waiter_in_order_and_skips_the_gone():
     assert all(latch.is_set() for latch in latches)
 
 
-class SlowSink:
-    """An inner sink whose put waits (green) so requests queue behind it; refuses the
-    pairs whose payload is b"refuse" when `refuse` is set."""
+def test_a_wake_scheduled_before_the_waiter_left_does_not_switch_into_it():
+    """set() scheduled the wake-up, then the waiter left its wait another way (here an
+    exception thrown into it) and sleeps: the wake-up must not cut that sleep short."""
+    latch, state = GreenLatch(), {}
+
+    class GiveUp(Exception):
+        pass
+
+    def waiter():
+        with pytest.raises(GiveUp):
+            latch.wait()
+        started = time.monotonic()
+        eventlet.sleep(0.3)
+        state["slept"] = time.monotonic() - started
+
+    thread = eventlet.spawn(waiter)
+    eventlet.sleep(0)
+    latch.set()
+    thread.kill(GiveUp)
+    with eventlet.Timeout(5):
+        thread.wait()
+    assert state["slept"] >= 0.3
+
+
+def test_a_woken_thread_that_fails_does_not_strand_the_others(capsys):
+    latches = [GreenLatch() for _ in range(3)]
+    woke = []
+
+    def waiter(i):
+        latches[i].wait()
+        woke.append(i)
+        if i == 0:
+            raise RuntimeError("the first request's connection failed")
+
+    threads = [eventlet.spawn(waiter, i) for i in range(3)]
+    eventlet.sleep(0)
+    GreenLatch.set_all(latches)
+    with eventlet.Timeout(5):
+        for thread in threads[1:]:
+            thread.wait()
+    assert woke == [0, 1, 2]
+
+
+class GatedSink:
+    """An inner sink whose first put waits (green) for `gate`, so requests queue behind
+    it; refuses the pairs whose payload is b"refuse"."""
 
     def __init__(self):
         self.puts = []
+        self.gate = eventlet.Event()
 
     def put(self, pairs):
         self.puts.append(list(pairs))
-        eventlet.sleep(0.01)
+        if len(self.puts) == 1:
+            self.gate.wait()
         refused = [pair for pair in pairs if pair[1] == b"refuse"]
         if refused:
             raise SinkUnavailable("refused", None, refused)
@@ -123,7 +168,7 @@ class SlowSink:
 
 @pytest.mark.parametrize("lock", [None, os_lock], ids=["green lock", "os lock"])
 def test_requests_queued_behind_a_write_share_the_next_one_and_their_outcome(lock):
-    sink = BatchingSink(SlowSink(), event_factory=GreenLatch, lock=lock and lock())
+    sink = BatchingSink(GatedSink(), event_factory=GreenLatch, lock=lock and lock())
     outcome = {}
 
     def request(name, payload):
@@ -133,12 +178,19 @@ def test_requests_queued_behind_a_write_share_the_next_one_and_their_outcome(loc
         except SinkUnavailable as exc:
             outcome[name] = [pair[1] for pair in exc.remaining]
 
-    first = eventlet.spawn(request, "first", b"a")
-    eventlet.sleep(0)                      # the first write is under way
-    queued = [eventlet.spawn(request, name, payload) for name, payload in
-              (("b", b"b"), ("refused", b"refuse"), ("c", b"c"))]
+    threads = [eventlet.spawn(request, "first", b"a")]
+    deadline = time.monotonic() + 5
+    while not sink.inner.puts:                 # the first write is under way, held
+        assert time.monotonic() < deadline
+        eventlet.sleep(0)
+    threads += [eventlet.spawn(request, name, payload) for name, payload in
+                (("b", b"b"), ("refused", b"refuse"), ("c", b"c"))]
+    while len(sink._queue) < 3:
+        assert time.monotonic() < deadline
+        eventlet.sleep(0)
+    sink.inner.gate.send()
     with eventlet.Timeout(5):
-        for thread in [first] + queued:
+        for thread in threads:
             thread.wait()
     sink.close()
     assert sink.inner.puts == [[("events", b"a")],

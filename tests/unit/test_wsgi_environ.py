@@ -162,16 +162,17 @@ def test_a_passed_deadline_is_refused_before_any_recv():
 class GreenScripted(ScriptedSocket):
     """A green socket's shape: `fd` (the kernel socket, answering from `now`, where
     BlockingIOError means no data yet) beside the green recv_into and the wait
-    (_read_trampoline, which may raise what `waits` holds)."""
+    (_trampoline, which records its timeout and may raise what `waits` holds)."""
 
     def __init__(self, now, chunks, waits=()):
         super().__init__(chunks)
         self.fd = ScriptedSocket(now)
         self.waits = list(waits)
-        self.waited = 0
+        self.wait_timeouts = []
 
-    def _read_trampoline(self):
-        self.waited += 1
+    def _trampoline(self, fd, read=False, write=False, timeout=None, timeout_exc=None):
+        assert fd is self.fd and read and isinstance(timeout_exc, socket.timeout)
+        self.wait_timeouts.append(timeout)
         if self.waits:
             raise self.waits.pop(0)
 
@@ -180,14 +181,22 @@ def test_ready_data_is_read_from_the_kernel_socket_without_the_green_one():
     sock = GreenScripted([b"GET / HTTP/1.1\r\n"], [])
     raw, rfile = reader_over(sock)
     assert rfile.readline() == b"GET / HTTP/1.1\r\n"
-    assert sock.recv_timeouts == [] and sock.waited == 0
+    assert sock.recv_timeouts == [] and sock.wait_timeouts == []
 
 
-def test_no_data_yet_waits_once_then_reads_through_the_green_socket():
-    sock = GreenScripted([BlockingIOError()], [b"GET / HTTP/1.1\r\n"])
+def test_no_data_yet_waits_under_the_socket_timeout_then_reads_again():
+    sock = GreenScripted([BlockingIOError(), BlockingIOError(), b"GET / HTTP/1.1\r\n"], [])
     raw, rfile = reader_over(sock)
     assert rfile.readline() == b"GET / HTTP/1.1\r\n"
-    assert sock.waited == 1 and sock.recv_timeouts == [5.0]
+    assert sock.wait_timeouts == [5.0, 5.0] and sock.recv_timeouts == []
+
+
+def test_a_request_line_is_awaited_for_the_keep_alive_timeout():
+    sock = GreenScripted([BlockingIOError(), b"GET / HTTP/1.1\r\n"], [])
+    raw, rfile = reader_over(sock)
+    raw.idle_timeout = 75.0
+    assert rfile.readline() == b"GET / HTTP/1.1\r\n"
+    assert sock.wait_timeouts == [75.0] and sock.timeout == 5.0
 
 
 def test_a_socket_closed_while_waiting_ends_the_read_as_eventlet_does():
@@ -195,6 +204,13 @@ def test_a_socket_closed_while_waiting_ends_the_read_as_eventlet_does():
     sock = GreenScripted([BlockingIOError()], [], waits=[IOClosed()])
     raw, rfile = reader_over(sock)
     with pytest.raises(EOFError):
+        rfile.readline()
+
+
+def test_a_wait_that_times_out_raises_the_socket_timeout():
+    sock = GreenScripted([BlockingIOError()], [], waits=[socket.timeout("timed out")])
+    raw, rfile = reader_over(sock)
+    with pytest.raises(socket.timeout):
         rfile.readline()
 
 
@@ -242,8 +258,15 @@ def test_an_answer_goes_to_the_kernel_socket_and_the_rest_through_the_green_one(
 
 
 def test_a_reset_on_the_kernel_socket_is_read_the_way_eventlet_reads_it():
-    """eventlet's green recv reads a reset connection as the end of the stream; the
-    direct read leaves any error but "no data yet" to it."""
-    sock = GreenScripted([ConnectionResetError()], [b""])
+    """eventlet's green recv reads a reset (or shut) connection as the end of the stream
+    and raises any other error; so does the direct read."""
+    import errno
+    sock = GreenScripted([ConnectionResetError(errno.ECONNRESET, "reset")], [])
     raw, rfile = reader_over(sock)
-    assert rfile.readline() == b"" and sock.waited == 0 and sock.recv_timeouts == [5.0]
+    assert rfile.readline() == b"" and sock.wait_timeouts == [] and sock.recv_timeouts == []
+    sock = GreenScripted([OSError(errno.ETIMEDOUT, "timed out")], [])
+    raw, rfile = reader_over(sock)
+    with pytest.raises(TimeoutError):
+        rfile.readline()
+
+
