@@ -183,7 +183,13 @@ def together_round(shape, args, workdir, queue):
         runs = [subprocess.Popen(wrk_argv(port, path, script, args.duration, args.connections,
                                           workdir, name), stdout=subprocess.PIPE, text=True)
                 for name, _pid, port in servers]
-        outs = [run.communicate(timeout=args.duration + 30)[0] for run in runs]
+        try:
+            outs = [run.communicate(timeout=args.duration + 30)[0] for run in runs]
+        finally:
+            for run in runs:
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
         results = []
         for (_name, pid, _port), out, start in zip(servers, outs, cpu0):
             r = wrk_result(out)
