@@ -152,15 +152,16 @@ def respond(protocol):
         protocol.server.log.info(traceback.format_exc())
         status, headers, body = ("500 Internal Server Error",
                                  [("Content-type", "text/plain"), ("Content-length", "0")], b"")
-    _write(protocol, status, headers, body, request_input.is_hundred_continue_response_sent)
+    _write(protocol, status, headers, body, request_input.wfile is not None)
     sent.append(1)
     _finish(protocol, request_input)
 
 
 def _write(protocol, status, headers, body, after_continue=False):
     """Status line, the app's headers, Date and Connection, body: one write.
-    `after_continue`: a 100 Continue went through the buffered writer, which may still
-    hold part of it (a flush that timed out): the answer follows it there."""
+    `after_continue`: the request asked for a 100 Continue, which goes through the
+    buffered writer; that may still hold part of it (a flush that timed out, and the
+    flag saying it was sent not set): the answer follows it there."""
     lines = ["%s %s" % (protocol.protocol_version, status)]
     lines += ["%s: %s" % pair for pair in headers]
     lines.append("Date: " + http_date())

@@ -21,7 +21,7 @@ import time
 
 import eventlet
 import eventlet.wsgi
-from eventlet.greenio.base import SOCKET_CLOSED
+from eventlet.greenio.base import SOCKET_BLOCKING, SOCKET_CLOSED
 from eventlet.hubs import IOClosed
 from eventlet.support import get_errno
 
@@ -263,7 +263,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
             self.send_error(400)
             return False
         lengths = headers.get_all("Content-Length") or ()
-        if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
+        if len(lengths) > 1 or (lengths and not _plain_digits(lengths[0].strip())):
             self.send_error(400)
             return False
         # Exactly one Transfer-Encoding line, and it says chunked: repeated lines are
@@ -315,6 +315,12 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
 
 _FAST_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 
+
+def _plain_digits(value):
+    """True for ASCII digits only: str.isdigit() also takes superscripts (a Content-Length
+    of '\xb2', which int() refuses)."""
+    return value.isascii() and value.isdigit()
+
 # eventlet's answer to a request with both a Content-Length and a Transfer-Encoding.
 _BOTH_MESSAGE = b"Content-Length and Transfer-Encoding are not allowed together\n"
 _BOTH_FRAMINGS = (b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\nContent-Length: %d\r\n"
@@ -355,7 +361,7 @@ class DeadlineReader(io.RawIOBase):
         deadline = self.deadline
         if deadline is None:
             recv_now = self._recv_now
-            if recv_now is None:
+            if recv_now is None:     # no kernel socket under it (the unit tests' fakes)
                 return self.sock.recv_into(buf)
             sock = self.sock
             while True:
@@ -364,10 +370,13 @@ class DeadlineReader(io.RawIOBase):
                 except BlockingIOError:
                     pass
                 except OSError as e:
-                    # As GreenSocket.recv_into: a reset or shut socket is the end of it.
-                    if get_errno(e) in SOCKET_CLOSED:
+                    # As GreenSocket.recv_into: a reset or shut socket is the end of it,
+                    # ENOTCONN waits like EAGAIN, anything else is raised.
+                    err = get_errno(e)
+                    if err in SOCKET_CLOSED:
                         return 0
-                    raise
+                    if err not in SOCKET_BLOCKING:
+                        raise
                 # Nothing yet: wait as GreenSocket.recv_into does (a close from another
                 # green thread ends the read), for the keep-alive wait or the socket's
                 # timeout.

@@ -502,10 +502,11 @@ def _padded_body(multiple):
     return (body + "a" * (-len(body) % multiple)).encode("ascii")
 
 
-@pytest.mark.parametrize("form", ["sign", "underscore"])
+@pytest.mark.parametrize("form", ["sign", "underscore", "superscript"])
 def test_content_length_with_sign_or_underscore_gets_400(default_worker, form):
     body = _padded_body(10)
-    value = "+%d" % len(body) if form == "sign" else "%d_0" % (len(body) // 10)
+    value = {"sign": "+%d" % len(body), "underscore": "%d_0" % (len(body) // 10),
+             "superscript": "\xb2"}[form]      # str.isdigit() takes it, int() does not
     raw = request("POST", "/track", (("Content-Type", "text/plain"), ("Content-Length", value)), body)
     resp, _ = exchange(default_worker.port, raw)
     assert_clean(resp, 400)

@@ -268,5 +268,8 @@ def test_a_reset_on_the_kernel_socket_is_read_the_way_eventlet_reads_it():
     raw, rfile = reader_over(sock)
     with pytest.raises(TimeoutError):
         rfile.readline()
+    sock = GreenScripted([OSError(errno.ENOTCONN, "not connected"), b"GET /\r\n"], [])
+    raw, rfile = reader_over(sock)
+    assert rfile.readline() == b"GET /\r\n" and sock.wait_timeouts == [5.0]
 
 
