@@ -85,6 +85,7 @@ bench-http: venv-dev wrk nginx
 # Instructions per request under callgrind: steady where wrk's rates are not.
 bench-instructions: venv-dev valgrind
 	$(PY) -m bench.instructions
+	$(PY) -m bench.instructions --seam
 	$(PY) -m bench.instructions --processes
 
 # The generated reference pages (docs/reference/): settings, metrics, rejection reasons.

@@ -3,6 +3,7 @@ that does not move with the machine's load, for judging a change to the hot path
 
     python -m bench.instructions [--shapes single,batch50,mixed] [--kestrel] [--requests 200]
     python -m bench.instructions --processes [--shapes single,batch50,mixed] [--requests 200]
+    python -m bench.instructions --seam [--shapes single,batch50] [--requests 200]
     python -m bench.instructions --queue [--requests 200]
 
 wrk_bench's rates vary by 10-20 % between runs on a shared VM, more than most single
@@ -28,6 +29,13 @@ keep-alive connection.  Under wrk's load the worker's Kestrel writes carry many
 requests each; here every request makes its own, so the worker's count is an upper bound.
 The processes' timers keep running while valgrind slows them: repeat runs differ by a
 few per cent.
+
+`--seam`: the worker's HTTP seam in process (IngestProtocol and the app with a
+MemorySink, wsgi_exchange's environ and answer, eventlet's server object) against the
+bare hello-world on eventlet's own HttpProtocol, each fed the shape's requests pipelined
+on one socketpair written before the first is read: nothing ever waits, so the count is
+exact, but the hub's waits and wake-ups (and the Kestrel client) are not in it.  About
+a minute per shape.
 
 `--queue`: the bundled `ingest queue` under callgrind, sent batches of 50 `set`s of the
 batch shape's cleaned event (what a worker writes), one batch at a time: instructions
@@ -111,6 +119,82 @@ def _child(argv):
         one()
 
 
+def _seam_child(argv):
+    """Inside valgrind: `count` requests of `shape` through the HTTP seam of `mode`
+    (worker or hello), pipelined on a socketpair (see --seam)."""
+    import warnings
+    warnings.simplefilter("ignore")     # eventlet's deprecation banner
+    import eventlet
+    eventlet.monkey_patch()
+    import gc
+    import logging
+
+    import eventlet.wsgi
+    from eventlet.green import socket as green_socket
+    mode, shape, count = argv[0], argv[1], int(argv[2])
+    logging.disable(logging.WARNING)
+    if mode == "worker":
+        from ingest import config
+        from ingest.http import make_app
+        from ingest.sinks.memory import MemorySink
+        from ingest.wsgi_server import IngestProtocol
+        settings = config.resolve({}, environ={})
+        app = make_app(settings, MemorySink(), time.time)
+        # The worker's server options (ingest/worker.py).
+        server = eventlet.wsgi.Server(
+            None, ("127.0.0.1", 0), app, log=logging.getLogger("ingest.wsgi"),
+            protocol=IngestProtocol,
+            environ={"ingest.body_timeout_s": settings.body_timeout_s}, log_output=False,
+            debug=False, keepalive=settings.keepalive_idle_s or False,
+            url_length_limit=settings.max_request_line_bytes,
+            socket_timeout=settings.read_timeout_s or None, capitalize_response_headers=False)
+        protocol = IngestProtocol
+    else:
+        from bench.hello import app
+        server = eventlet.wsgi.Server(None, ("127.0.0.1", 0), app, log_output=False,
+                                      debug=False, keepalive=True)
+        protocol = eventlet.wsgi.HttpProtocol
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50000, 20, 20)          # the worker's (ingest/worker.py tune_gc)
+    client, server_side = socket.socketpair()
+    for sock in (client, server_side):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    client.sendall(http_request(shape) * count)
+    client.shutdown(socket.SHUT_WR)          # the connection ends after the last one
+    conn = green_socket.socket(fileno=server_side.detach())
+    protocol([("127.0.0.1", 50000), conn, eventlet.wsgi.STATE_IDLE], server)
+    answers = b""
+    while True:
+        chunk = client.recv(1 << 20)
+        if not chunk:
+            break
+        answers += chunk
+    if answers.count(b" 200 OK\r\n") != count:
+        raise SystemExit("%s answered %r" % (mode, answers[:300]))
+
+
+def per_seam_request(mode, shape, requests):
+    counts = []
+    for n in (WARM_REQUESTS, WARM_REQUESTS + requests):
+        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                sys.executable, "-m", "bench.instructions", "--seam-child", mode, shape,
+                str(n)]
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+        counts.append(_collected(out.stderr))
+    return (counts[1] - counts[0]) / float(requests)
+
+
+def _collected(stderr):
+    for line in stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise SystemExit("valgrind gave no count:\n" + stderr[-2000:])
+
+
 def _instructions(shape, count, address):
     argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
             sys.executable, "-m", "bench.instructions", "--child", shape, str(count)]
@@ -120,10 +204,7 @@ def _instructions(shape, count, address):
     # by about 1% from run to run.
     env = dict(os.environ, PYTHONHASHSEED="0")
     out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    for line in out.stderr.splitlines():
-        if "Collected :" in line:
-            return int(line.rsplit(":", 1)[1])
-    raise SystemExit("valgrind gave no count:\n" + out.stderr[-2000:])
+    return _collected(out.stderr)
 
 
 def _process_count(argv, drive):
@@ -149,10 +230,7 @@ def _process_count(argv, drive):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    for line in err.splitlines():
-        if "Collected :" in line:
-            return int(line.rsplit(":", 1)[1])
-    raise SystemExit("valgrind gave no count:\n" + err[-2000:])
+    return _collected(err)
 
 
 def _exchange(host, port, request, count, answer_ends):
@@ -264,6 +342,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return _child(argv[1:])
+    if argv[:1] == ["--seam-child"]:
+        return _seam_child(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench.instructions",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="single,batch50")
@@ -273,6 +353,8 @@ def main(argv=None):
                    help="through the Kestrel client to a bundled queue, not a MemorySink")
     p.add_argument("--processes", action="store_true",
                    help="the whole worker process and the bare hello-world")
+    p.add_argument("--seam", action="store_true",
+                   help="the worker's HTTP seam and app in process, and the hello-world's")
     p.add_argument("--queue", action="store_true",
                    help="the bundled queue server, per set of 50-set batches")
     args = p.parse_args(argv)
@@ -284,6 +366,14 @@ def main(argv=None):
         if args.queue:
             n = per_queue_set(args.requests, os.path.join(workdir, "queue-data"))
             print("queue    %10.0f instructions per set (batches of 50)" % n, flush=True)
+            return 0
+        if args.seam:
+            for shape in args.shapes.split(","):
+                worker = per_seam_request("worker", shape, args.requests)
+                hello = per_seam_request("hello", shape, args.requests)
+                print("%-8s HTTP seam and app %10.0f, hello-world %8.0f instructions per"
+                      " request (%.2f times)" % (shape, worker, hello, worker / hello),
+                      flush=True)
             return 0
         if args.kestrel or args.processes:
             from testkit.procs import QueueServer

@@ -20,10 +20,9 @@ Further modes (each reported after the ratios):
 
     --together N  N rounds of the hello-world and the worker at the same time, both on
                   core 0, each under its own wrk on core 1.  This machine's speed drifts
-                  by up to 2x within seconds (the hello-world alone: 89 to 179 us of CPU
-                  per request in one session), which the alternating rounds above see as
-                  noise in their ratio; running both at once exposes them to the same
-                  drift.  The ratios of requests/s and of CPU per request (from /proc)
+                  within seconds (the hello-world alone took 97 to 179 us of CPU per
+                  single GET on it), which the alternating rounds above see as noise in
+                  their ratio; running both at once exposes them to the same drift.  The ratios of requests/s and of CPU per request (from /proc)
                   are both reported.
     --open-loop   latency at 75% of each shape's measured capacity, paced: 50 wrk
                   connections each waiting a random delay before every request (closed-loop
@@ -119,6 +118,21 @@ def run_wrk(port, path, script, duration, connections, workdir):
     return wrk_result(out)
 
 
+def run_wrks_at_once(ports, path, script, duration, connections, workdir):
+    """One wrk against each of `ports`, all at the same time: their results, in order."""
+    runs = [subprocess.Popen(wrk_argv(port, path, script, duration, connections, workdir,
+                                      "at-once-%d" % i), stdout=subprocess.PIPE, text=True)
+            for i, port in enumerate(ports)]
+    try:
+        outs = [run.communicate(timeout=duration + 30)[0] for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    return [wrk_result(out) for out in outs]
+
+
 def measure(pid, port, shape, args, workdir, queue=None):
     """wrk against one server; `queue`: the bundled queue it writes to, whose share of
     core 1 (beside wrk) is reported too: a worker waiting on it is not CPU-bound."""
@@ -180,19 +194,10 @@ def together_round(shape, args, workdir, queue):
         for _name, _pid, port in servers:
             run_wrk(port, path, script, 1, args.connections, workdir)     # warm up
         cpu0 = [cpu_seconds(pid) for _name, pid, _port in servers]
-        runs = [subprocess.Popen(wrk_argv(port, path, script, args.duration, args.connections,
-                                          workdir, name), stdout=subprocess.PIPE, text=True)
-                for name, _pid, port in servers]
-        try:
-            outs = [run.communicate(timeout=args.duration + 30)[0] for run in runs]
-        finally:
-            for run in runs:
-                if run.poll() is None:
-                    run.kill()
-                    run.wait()
+        wrks = run_wrks_at_once([port for _name, _pid, port in servers], path, script,
+                                args.duration, args.connections, workdir)
         results = []
-        for (_name, pid, _port), out, start in zip(servers, outs, cpu0):
-            r = wrk_result(out)
+        for (_name, pid, _port), r, start in zip(servers, wrks, cpu0):
             cpu = cpu_seconds(pid) - start
             r["rps"] = r["requests"] / r["seconds"]
             r["events_per_s"] = r["rps"] * events
