@@ -79,7 +79,8 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
 
     def handle_one_request(self):
         """eventlet's HttpProtocol.handle_one_request (0.41.3), step for step and answer
-        for answer, without its per-request wrappers.
+        for answer, without its per-request wrappers (its refusal of a Content-Length
+        beside a Transfer-Encoding is in _checked_framing, which has both at hand).
 
         PERF: eventlet sets the socket's timeout twice around every request line (the
         keep-alive wait, then the read timeout back) and reads the header lines through
@@ -110,14 +111,6 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         except eventlet.wsgi.HeadersTooLarge:
             self.wfile.write(b"HTTP/1.0 400 Headers Too Large\r\n"
                              b"Connection: close\r\nContent-length: 0\r\n\r\n")
-            self.close_connection = 1
-            return
-        # eventlet's own framing checks: a Content-Length that is not a non-negative
-        # integer cannot reach here (_checked_framing), both framings together can.
-        headers = self.headers
-        if headers.get("content-length") is not None and \
-                headers.get("transfer-encoding") is not None:
-            self.wfile.write(_BOTH_FRAMINGS)
             self.close_connection = 1
             return
         self.environ = self.get_environ()
@@ -289,6 +282,11 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
             # as a failure.  Requests already in the app finish and are answered.
             self.close_connection = 1
             return False
+        if lengths and codings:
+            # eventlet's own answer (its handle_one_request checked this after parsing).
+            self.wfile.write(_BOTH_FRAMINGS)
+            self.close_connection = 1
+            return False
         return True
 
     def get_environ(self):
@@ -320,6 +318,7 @@ def _plain_digits(value):
     """True for ASCII digits only: str.isdigit() also takes superscripts (a Content-Length
     of '\xb2', which int() refuses)."""
     return value.isascii() and value.isdigit()
+
 
 # eventlet's answer to a request with both a Content-Length and a Transfer-Encoding.
 _BOTH_MESSAGE = b"Content-Length and Transfer-Encoding are not allowed together\n"

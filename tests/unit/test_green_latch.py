@@ -8,15 +8,24 @@ import warnings
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import eventlet
+    import eventlet.hubs
 
 import pytest
 
-from ingest.sinks import SinkUnavailable
 from ingest.green import GreenLatch, os_lock
+from ingest.sinks import SinkUnavailable
 
 # The worker runs monkey-patched: its BatchingSink's threading is green.  This test process
 # is not, so the module is imported with green threading for the sink's tests.
 BatchingSink = eventlet.import_patched("ingest.sinks.batching").BatchingSink
+
+
+def until_waiting(*latches):
+    """Let the hub run until each of `latches` has a green thread inside wait()."""
+    deadline = time.monotonic() + 5
+    while any(latch._waiter is None for latch in latches):
+        assert time.monotonic() < deadline, "a waiter never reached its wait"
+        eventlet.sleep(0)
 
 
 def test_a_latch_set_before_the_wait_returns_at_once():
@@ -34,7 +43,7 @@ def test_a_waiter_wakes_after_the_set_and_not_before():
         order.append("woke")
 
     thread = eventlet.spawn(waiter)
-    eventlet.sleep(0)            # the waiter runs up to its wait
+    until_waiting(latch)
     assert order == [] and not latch.is_set()
     latch.set()
     order.append("set returned")
@@ -51,9 +60,12 @@ def test_a_waiter_killed_before_the_set_is_not_switched_into():
         woke.append(True)
 
     thread = eventlet.spawn(waiter)
-    eventlet.sleep(0)
+    until_waiting(latch)
     thread.kill()
+    hub = eventlet.hubs.get_hub()
+    timers = hub.get_timers_count()
     latch.set()                  # nothing to wake: no switch into the dead thread
+    assert hub.get_timers_count() == timers       # nothing was scheduled
     eventlet.sleep(0)
     assert woke == [] and thread.dead
 
@@ -92,7 +104,7 @@ def test_set_all_wakes_every_waiter_in_order_and_skips_the_gone():
         order.append(i)
 
     threads = [eventlet.spawn(waiter, i) for i in range(4)]
-    eventlet.sleep(0)
+    until_waiting(*latches)
     threads[2].kill()                      # gave up before the set
     latches[3].set()                       # set earlier: its waiter is already scheduled
     GreenLatch.set_all(latches)
@@ -119,7 +131,7 @@ def test_a_wake_scheduled_before_the_waiter_left_does_not_switch_into_it():
         state["slept"] = time.monotonic() - started
 
     thread = eventlet.spawn(waiter)
-    eventlet.sleep(0)
+    until_waiting(latch)
     latch.set()
     thread.kill(GiveUp)
     with eventlet.Timeout(5):
@@ -127,7 +139,7 @@ def test_a_wake_scheduled_before_the_waiter_left_does_not_switch_into_it():
     assert state["slept"] >= 0.3
 
 
-def test_a_woken_thread_that_fails_does_not_strand_the_others(capsys):
+def test_a_woken_thread_that_fails_does_not_strand_the_others():
     latches = [GreenLatch() for _ in range(3)]
     woke = []
 
@@ -138,7 +150,7 @@ def test_a_woken_thread_that_fails_does_not_strand_the_others(capsys):
             raise RuntimeError("the first request's connection failed")
 
     threads = [eventlet.spawn(waiter, i) for i in range(3)]
-    eventlet.sleep(0)
+    until_waiting(*latches)
     GreenLatch.set_all(latches)
     with eventlet.Timeout(5):
         for thread in threads[1:]:

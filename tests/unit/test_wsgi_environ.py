@@ -273,3 +273,34 @@ def test_a_reset_on_the_kernel_socket_is_read_the_way_eventlet_reads_it():
     assert rfile.readline() == b"GET /\r\n" and sock.wait_timeouts == [5.0]
 
 
+
+
+@pytest.mark.parametrize("expect_continue", [False, True])
+def test_an_answer_to_a_request_that_asked_for_100_continue_follows_it_through_the_writer(
+        expect_continue):
+    """Eventlet marks a 100 Continue sent only once its flush returned, so part of one
+    may still sit in the connection's buffered writer: the answer to any request that
+    asked for one goes through that writer, behind it; any other straight to the socket."""
+    from ingest.wsgi_exchange import respond
+    p = protocol("POST /track HTTP/1.1", [b"Host: x\r\n"])
+    p.headers = parse_plain([b"Host: x\r\n"])
+    p.request_version = "HTTP/1.1"
+    p.close_connection = 0
+    p.connection = SendScripted(1 << 20)
+    p.server.keepalive = True
+    wfile = p.wfile if expect_continue else None
+    request_input = eventlet.wsgi.Input(io.BytesIO(b"data=x"), 6, p.connection, wfile=wfile,
+                                        wfile_line=b"HTTP/1.1 100 Continue\r\n" if wfile else None)
+    p.environ = {"eventlet.input": request_input, "wsgi.input": request_input,
+                 "eventlet.posthooks": []}
+
+    def app(environ, start_response):      # answers without reading the body
+        start_response("200 OK", [("Content-Length", "1")])
+        return [b"1"]
+    p.application = app
+    respond(p)
+    sent_to_socket = b"".join(p.connection.kernel + p.connection.green)
+    if expect_continue:
+        assert p.wfile.getvalue().startswith(b"HTTP/1.1 200 OK\r\n") and sent_to_socket == b""
+    else:
+        assert sent_to_socket.startswith(b"HTTP/1.1 200 OK\r\n") and p.wfile.getvalue() == b""
