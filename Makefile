@@ -73,7 +73,7 @@ integration: venv-dev nginx chromium js
 
 # Load test: hello-world baseline and a worker pinned to one core, ratio in the same run.
 bench: venv-dev
-	$(PY) -m bench.run_all --rounds 3
+	$(PY) -m bench.run_all --rounds 3 --together 3
 
 # The HTTP worker against the bare hello-world with wrk (docs/benchmarks.md): single GETs
 # and 50-event batches, latency in an open loop, RSS after a soak and at 1,000

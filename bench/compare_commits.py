@@ -1,7 +1,7 @@
 """Two checkouts' workers under the same load at the same time: which one costs less CPU.
 
     git worktree add --detach /tmp/base HEAD~1
-    python -m bench.compare_commits /tmp/base [--shapes single,batch50] [--rounds 5]
+    python -m bench.compare_commits /tmp/base [--shapes single,batch50,mixed] [--rounds 5]
                                     [--duration 6] [--connections 100]
 
 What it is for: this VM's speed drifts within seconds (the same worker took 118 to
@@ -12,7 +12,9 @@ this checkout's worker run at once, both on core 0, each under its own wrk on co
 writing to one bundled queue on core 1: whatever the machine does, it does to both.
 For each round it prints both workers' CPU per request (from /proc) and their ratio,
 this checkout's over BASE's (below 1: this one is cheaper), then the median.  Two
-copies of the same commit gave 1.002 to 1.028, median 1.010.
+copies of the same commit gave 1.002 to 1.028, median 1.010.  The `mixed` shape is
+`make bench`'s SDK log (bench.make_log, 10,000 requests, seed 1), replayed by one
+bench.replay per worker (25 connections each) instead of wrk.
 
 It needs wrk (Debian package `wrk`); it only talks to 127.0.0.1 and stops every process
 it started by pid.
@@ -21,10 +23,12 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 
 from bench import wrk_bench
+from bench.run_all import replay_at_once
 from testkit.procs import ROOT, QueueServer, Worker, cpu_seconds
 
 
@@ -41,6 +45,8 @@ def start_workers(base, workdir, queue):
 
 def one_round(workers, shape, args, workdir):
     """CPU per request of each worker, both loaded at once."""
+    if shape == "mixed":
+        return replayed_round(workers, args, workdir)
     path, script, _events = wrk_bench.shape_request(shape)
     start = [cpu_seconds(w.proc.popen.pid) for w in workers]
     results = wrk_bench.run_wrks_at_once([w.port for w in workers], path, script,
@@ -49,6 +55,21 @@ def one_round(workers, shape, args, workdir):
     for worker, r, cpu0 in zip(workers, results, start):
         per.append((cpu_seconds(worker.proc.popen.pid) - cpu0) / max(r["requests"], 1) * 1e6)
     return per
+
+
+def replayed_round(workers, args, workdir):
+    """one_round of the mixed SDK log: CPU per request from each worker's replay."""
+    log = os.path.join(workdir, "access.log")
+    if not os.path.exists(log):
+        subprocess.run([sys.executable, "-m", "bench.make_log", "--requests", "10000",
+                        "--seed", "1", "--out", log], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+    targets = [(name, "http://127.0.0.1:%d" % w.port, w.proc.popen.pid, None,
+                os.path.join(workdir, "replay-" + name))
+               for name, w in zip(("base", "this"), workers)]
+    reports, _code = replay_at_once(sys.executable, log, targets, args.duration, seed=1,
+                                    loadgen_cpu=wrk_bench.LOAD_CPU)
+    return [r["server_cpu_us_per_request"] for r in reports]
 
 
 def main(argv=None):
@@ -70,9 +91,11 @@ def main(argv=None):
     try:
         workers = start_workers(os.path.abspath(args.base), workdir, queue)
         for shape in args.shapes.split(","):
-            path, script, _events = wrk_bench.shape_request(shape)
-            for worker in workers:                                  # warm up
-                wrk_bench.run_wrk(worker.port, path, script, 1, args.connections, workdir)
+            if shape != "mixed":
+                path, script, _events = wrk_bench.shape_request(shape)
+                for worker in workers:                              # warm up
+                    wrk_bench.run_wrk(worker.port, path, script, 1, args.connections,
+                                      workdir)
             ratios = []
             for n in range(args.rounds):
                 base_us, this_us = one_round(workers, shape, args, workdir)

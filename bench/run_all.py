@@ -13,6 +13,14 @@ the output directory (one round-N/ directory per round with --rounds), plus
 queue_stats.json (what reached the queue) as a sanity check and, for the worker,
 summary.json with every round's ratio and their median.
 
+--together N adds N rounds with both servers under load at the same time, both on core
+0, each replayed by its own bench.replay on core 1 (together-N/hello and together-N/worker).
+This machine's speed drifts within seconds (the hello-world took 184 to 234 us of CPU
+per mixed-log request in three rounds of one run), which the alternating rounds see as
+noise in their ratio; at once, the drift hits both alike.  Their ratio is the
+hello-world's CPU per request over the worker's (from /proc): with the core shared,
+requests/s follow the scheduler's split, not the servers' speed.
+
 It only starts processes on 127.0.0.1 and stops each of them by pid when done.
 """
 import argparse
@@ -52,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat hello + worker this many times (round-N/ each); the median "
                         "ratio is printed, which steadies figures on a shared machine")
+    p.add_argument("--together", type=int, default=0, metavar="ROUNDS",
+                   help="then this many rounds of both servers loaded at the same time "
+                        "(together-N/ each); their median ratio by CPU per request is "
+                        "printed too")
     return p.parse_args(argv)
 
 
@@ -76,18 +88,24 @@ def main(argv=None):
             report, code = _replay(args, py, round_out, log, ports, seed=args.seed + i)
             reports.append(report)
             codes.append(code)
+        together = []
         if not args.hello_only:
+            for i in range(args.together):
+                pair = _replay_together(args, py, os.path.join(out, "together-%d" % (i + 1)),
+                                        log, ports, seed=args.seed + i)
+                together.append(pair)
+                codes.append(pair[2])
             _queue_stats(py, ports["queue"], out)
     finally:
         for proc in reversed(procs):
             proc.stop(STOP_TIMEOUT_S)
         shutil.rmtree(queue_data, ignore_errors=True)
-    _print_summary(args, out, reports)
+    _print_summary(args, out, reports, together)
     # bench.replay's own verdict: more records rejected than --max-rejected allows.
     return max(codes)
 
 
-def _print_summary(args, out, reports):
+def _print_summary(args, out, reports, together):
     print()
     for i, report in enumerate(reports, 1):
         base = report["baseline"]
@@ -108,10 +126,15 @@ def _print_summary(args, out, reports):
                    "median_cpu_ratio": round(statistics.median(cpu_ratios), 3),
                    "worker_ok_rps": [r["ok_rps"] for r in reports],
                    "hello_ok_rps": [r["baseline"]["ok_rps"] for r in reports]}
+        if together:
+            summary["together"] = _together_summary(together)
         with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
         print("ratio worker/hello, median of %d: throughput %.3f, server CPU per request %.3f"
               % (len(ratios), summary["median_ratio"], summary["median_cpu_ratio"]))
+        if together:
+            print("ratio worker/hello at the same time, median of %d: server CPU per request "
+                  "%.3f" % (len(together), summary["together"]["median_cpu_ratio"]))
     print("reports under: %s" % out)
 
 
@@ -169,6 +192,70 @@ def _replay(args, py, out, log, ports, seed):
         raise SystemExit("run_all: bench.replay failed with status %d" % done.returncode)
     with open(os.path.join(out, "report.json"), encoding="utf-8") as fh:
         return json.load(fh), done.returncode
+
+
+def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1,
+                   loadgen_cpu=1):
+    """One bench.replay per target, all started at once (each pinned to `loadgen_cpu`),
+    none with a baseline.  `targets`: (label, url, server pid, helper pid or None, out
+    directory).  Returns ([report.json of each], the highest exit status)."""
+    running = []
+    try:
+        for label, url, pid, helper, out in targets:
+            argv = [py, "-m", "bench.replay", "--log", log, "--out", out, "--url", url,
+                    "--server-pid", str(pid), "--label", label,
+                    "--processes", str(processes), "--concurrency", str(concurrency),
+                    "--duration", str(duration), "--cpus", str(loadgen_cpu), "--seed", str(seed),
+                    "--note", "replayed at the same time as: %s" % ", ".join(
+                        t[0] for t in targets if t[0] != label)]
+            if helper:
+                argv += ["--helper-pid", str(helper)]
+            running.append(subprocess.Popen(pinned(loadgen_cpu, argv), cwd=ROOT,
+                                            stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))
+        codes = [proc.wait(timeout=duration * 4 + 120) for proc in running]
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if any(code not in (0, 3) for code in codes):
+        raise SystemExit("bench.replay failed with status %s" % codes)
+    reports = []
+    for target in targets:
+        with open(os.path.join(target[4], "report.json"), encoding="utf-8") as fh:
+            reports.append(json.load(fh))
+    return reports, max(codes)
+
+
+def _replay_together(args, py, out, log, ports, seed):
+    """One --together round: (hello's report, the worker's, exit status)."""
+    targets = [("hello-world", ports["hello_url"], ports["hello_pid"], None,
+                os.path.join(out, "hello")),
+               ("worker", "http://127.0.0.1:%d" % ports["worker"], ports["worker_pid"],
+                ports["queue_pid"], os.path.join(out, "worker"))]
+    (hello, worker), code = replay_at_once(py, log, targets, args.duration, seed,
+                                           args.concurrency, args.processes, args.loadgen_cpu)
+    print("together: hello-world %.0f req/s, %.1f us CPU per request; worker %.0f req/s, "
+          "%.1f us; ratio worker/hello by CPU per request %.3f"
+          % (hello["ok_rps"], hello["server_cpu_us_per_request"], worker["ok_rps"],
+             worker["server_cpu_us_per_request"], _cpu_ratio(hello, worker)), flush=True)
+    return hello, worker, code
+
+
+def _cpu_ratio(hello, worker):
+    return hello["server_cpu_us_per_request"] / worker["server_cpu_us_per_request"]
+
+
+def _together_summary(together):
+    ratios = sorted(_cpu_ratio(hello, worker) for hello, worker, _code in together)
+    summary = {"cpu_ratios": [round(r, 3) for r in ratios],
+               "median_cpu_ratio": round(statistics.median(ratios), 3)}
+    for i, name in enumerate(("hello", "worker")):
+        summary[name + "_cpu_us_per_request"] = [
+            pair[i]["server_cpu_us_per_request"] for pair in together]
+        summary[name + "_ok_rps"] = [pair[i]["ok_rps"] for pair in together]
+    return summary
 
 
 def _queue_stats(py, queue_port, out):
