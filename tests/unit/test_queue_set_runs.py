@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest.kestrel.protocol import MAX_LINE_BYTES
 from ingest.queue import connection as connection_module
 from ingest.queue.connection import CloseConnection, Connection
 from ingest.queue.options import ConfigSet
@@ -61,6 +62,8 @@ _TAILS = [
     lambda q, e, d: b"set %s 00 0%d %d\r\n%s\r\n" % (q, e, len(d), d),
     lambda q, e, d: b"set %s 0 %d %d\r\n%s\r\n" % (q, e + 10 ** 16, len(d), d),
     lambda q, e, d: b"set %s 0 %d %d\r\n%s\r\n" % (q, e, len(d) + 100, d + b"y" * 100),
+    # the same set but for a length zero-padded past the longest line the server reads
+    lambda q, e, d: b"set %s 0 %d %0*d\r\n%s\r\n" % (q, e, MAX_LINE_BYTES, len(d), d),
 ]
 
 
