@@ -24,10 +24,11 @@ Further modes (each reported after the ratios):
                   single GET on it), which the alternating rounds above see as noise in
                   their ratio; running both at once exposes them to the same drift.  The ratios of requests/s and of CPU per request (from /proc)
                   are both reported.
-    --open-loop   latency at 75% of each shape's measured capacity, paced: 50 wrk
-                  connections each waiting a random delay before every request (closed-loop
-                  p99 at 100 connections is only connections / throughput); the
-                  hello-world at the same rate beside it
+    --open-loop   latency at 75% of each shape's capacity, paced: 50 wrk connections each
+                  waiting a random delay before every request (closed-loop p99 at 100
+                  connections is only connections / throughput); the hello-world at the
+                  same rate beside it.  --open-loop-rounds (3) rounds, each paced from a
+                  capacity measured just before it (5 s closed loop), and their median
     --soak N      worker RSS after N events of batch50, and after --wide connections
                   (default 1000) of batch50 at once
     --nginx       the production tree (two workers, nginx, the queue; supervisord from
@@ -261,6 +262,8 @@ def profile_round(shape, args, workdir, queue):
 
 
 OPEN_LOOP_CONNECTIONS = 50
+# Seconds of closed-loop wrk that measure the capacity an open-loop round is paced from.
+OPEN_LOOP_CAPACITY_S = 5
 
 
 def paced_script(script, delay_ms):
@@ -276,12 +279,12 @@ def paced_script(script, delay_ms):
 
 def open_loop(shape, capacity, args, workdir, queue):
     """p50/p99 at 75% of `capacity` requests/s, paced (see paced_script), for the worker
-    and, at the same rate, for the hello-world."""
+    and, at the same rate, for the hello-world; each server's share of its core too."""
     path, script, _events = shape_request(shape)
     rate = 0.75 * capacity
     delay_ms = max(1, int(round(OPEN_LOOP_CONNECTIONS * 1000.0 / rate)))
     script = paced_script(script, delay_ms)
-    out = {"rate": OPEN_LOOP_CONNECTIONS * 1000.0 / delay_ms}
+    out = {"rate": OPEN_LOOP_CONNECTIONS * 1000.0 / delay_ms, "capacity": capacity}
     for name in ("hello", "worker"):
         if name == "hello":
             proc, port = start_hello(workdir)
@@ -289,12 +292,49 @@ def open_loop(shape, capacity, args, workdir, queue):
             worker = start_worker(workdir, queue)
             proc, port = worker.proc, worker.port
         try:
+            cpu0 = cpu_seconds(proc.pid)
             r = run_wrk(port, path, script, args.duration, OPEN_LOOP_CONNECTIONS, workdir)
+            cpu_share = (cpu_seconds(proc.pid) - cpu0) / r["seconds"]
         finally:
             proc.stop()
         out[name] = {"achieved": r["requests"] / r["seconds"], "p50_ms": r["p50_ms"],
-                     "p99_ms": r["p99_ms"]}
+                     "p99_ms": r["p99_ms"], "cpu_share": cpu_share}
     return out
+
+
+def capacity_now(shape, args, workdir, queue):
+    """The worker's closed-loop requests/s for shape, measured now (OPEN_LOOP_CAPACITY_S
+    of wrk at --connections): this VM's speed moves within minutes, so a capacity from
+    the ratio rounds may no longer be the machine's when the open loop runs."""
+    worker = start_worker(workdir, queue)
+    try:
+        short = argparse.Namespace(**dict(vars(args), duration=OPEN_LOOP_CAPACITY_S))
+        return measure(worker.proc.pid, worker.port, shape, short, workdir, queue)["rps"]
+    finally:
+        worker.proc.stop()
+
+
+def open_loop_rounds(shape, args, workdir, queue):
+    """--open-loop: --open-loop-rounds of capacity_now then open_loop; their rounds and
+    the median p50/p99 of each server."""
+    rounds = []
+    for n in range(args.open_loop_rounds):
+        result = open_loop(shape, capacity_now(shape, args, workdir, queue), args, workdir,
+                           queue)
+        rounds.append(result)
+        for name in ("hello", "worker"):
+            r = result[name]
+            print("%s open loop, round %d: paced at %.0f req/s (75%% of %.0f), %s: achieved %.0f,"
+                  " p50 %.2f ms, p99 %.2f ms, %.0f%% of its core"
+                  % (shape, n + 1, result["rate"], result["capacity"], name, r["achieved"],
+                     r["p50_ms"], r["p99_ms"], 100 * r["cpu_share"]), flush=True)
+    summary = {"rounds": rounds}
+    for name in ("hello", "worker"):
+        summary[name] = {key: statistics.median(r[name][key] for r in rounds)
+                         for key in ("p50_ms", "p99_ms")}
+    print("%s open loop: median p99 worker %.2f ms, hello-world %.2f ms over %d rounds"
+          % (shape, summary["worker"]["p99_ms"], summary["hello"]["p99_ms"], len(rounds)))
+    return summary
 
 
 def soak(args, workdir, queue):
@@ -343,14 +383,8 @@ def extra_modes(args, workdir, queue, summary):
         together(args, workdir, queue, summary)
     if args.open_loop:
         for shape in args.shapes.split(","):
-            capacity = statistics.median(r["worker"]["rps"] for r in summary[shape]["rounds"])
-            result = open_loop(shape, capacity, args, workdir, queue)
-            summary[shape]["open_loop"] = result
-            for name in ("hello", "worker"):
-                r = result[name]
-                print("%s paced at %.0f req/s (75%% of %.0f), %s: achieved %.0f, p50 %.2f ms,"
-                      " p99 %.2f ms" % (shape, result["rate"], capacity, name, r["achieved"],
-                                        r["p50_ms"], r["p99_ms"]))
+            summary.setdefault(shape, {})["open_loop"] = open_loop_rounds(shape, args, workdir,
+                                                                          queue)
     if args.soak:
         summary["soak"] = r = soak(args, workdir, queue)
         print("soak: RSS %.1f MiB after %d events; %.1f MiB after %d connections (%.0f req/s,"
@@ -378,11 +412,12 @@ def main(argv=None):
     p.add_argument("--together", type=int, default=0, metavar="ROUNDS",
                    help="also ROUNDS rounds of the hello-world and the worker at once")
     p.add_argument("--open-loop", action="store_true")
+    p.add_argument("--open-loop-rounds", type=int, default=3,
+                   help="open-loop rounds per shape, each after its own capacity reading")
     p.add_argument("--soak", type=int, default=0, help="events of batch50 before the RSS reading")
     p.add_argument("--wide", type=int, default=1000, help="connections for the wide RSS reading")
     p.add_argument("--nginx", action="store_true")
-    p.add_argument("--skip-ratios", action="store_true",
-                   help="only the extra modes (--open-loop needs the ratios)")
+    p.add_argument("--skip-ratios", action="store_true", help="only the extra modes")
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk_bench: wrk is not installed (apt-get install wrk)")
