@@ -197,8 +197,9 @@ def _replay(args, py, out, log, ports, seed):
 def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1,
                    loadgen_cpu=1):
     """One bench.replay per target, all started at once (each pinned to `loadgen_cpu`),
-    none with a baseline.  `targets`: (label, url, server pid, helper pid or None, out
-    directory).  Returns ([report.json of each], the highest exit status)."""
+    none with a baseline, each writing its output to replay.log in its out directory.
+    `targets`: (label, url, server pid, helper pid or None, out directory).  Returns
+    ([report.json of each], the highest exit status)."""
     running = []
     try:
         for label, url, pid, helper, out in targets:
@@ -210,9 +211,10 @@ def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1
                         t[0] for t in targets if t[0] != label)]
             if helper:
                 argv += ["--helper-pid", str(helper)]
-            running.append(subprocess.Popen(pinned(loadgen_cpu, argv), cwd=ROOT,
-                                            stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL))
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "replay.log"), "w", encoding="utf-8") as log_file:
+                running.append(subprocess.Popen(pinned(loadgen_cpu, argv), cwd=ROOT,
+                                                stdout=log_file, stderr=subprocess.STDOUT))
         codes = [proc.wait(timeout=duration * 4 + 120) for proc in running]
     finally:
         for proc in running:
@@ -220,7 +222,8 @@ def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1
                 proc.kill()
                 proc.wait()
     if any(code not in (0, 3) for code in codes):
-        raise SystemExit("bench.replay failed with status %s" % codes)
+        raise SystemExit("bench.replay failed with status %s (its output: replay.log in %s)"
+                         % (codes, ", ".join(t[4] for t in targets)))
     reports = []
     for target in targets:
         with open(os.path.join(target[4], "report.json"), encoding="utf-8") as fh:
