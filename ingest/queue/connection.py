@@ -40,6 +40,8 @@ RECV_BYTES = 256 * 1024
 # writes to a few queues, so a few are kept; a client naming many starts the cache over.
 _SET_LINES = {}
 _SET_LINES_KEPT = 64
+# Longer heads (a long queue name, digits padded with zeros) are stored set by set.
+_SET_HEAD_MAX = 255
 
 
 def _set_line(head):
@@ -214,7 +216,7 @@ class Connection:
         store_many: 31,139 -> 17,246 instructions per set of a worker's 50-set batch
         (python -m bench.instructions --queue).  Each line after the first is then
         matched whole by one regular expression made for the run's head (_set_line)
-        instead of by six find/startswith/strip calls: 17,561 -> 14,511 with the bulk
+        instead of by six find/startswith/strip calls: 17,561 -> 14,459 with the bulk
         backlog path of Queue.add_many.  tests/unit/test_queue_set_runs.py checks that
         it does what do_set would have done, set by set."""
         sp = buf.rfind(b" ", pos, nl)
@@ -225,18 +227,15 @@ class Connection:
         expiry = int(parts[3])
         if expiry > proto.MAX_EXPTIME_S:
             return pos, 0
+        length = buf[sp + 1:nl].rstrip(b"\r")
+        if not length.isdigit():
+            return pos, 0
         cap, end_of_buf = self.server.config.buffer_cap, len(buf)
         line_limit = proto.MAX_LINE_BYTES + 1       # the line and its \n, as process() reads
-        match = _set_line(head)
+        start, match = nl + 1, None
         datas, need = [], 0
         while True:
-            line = match(buf, pos)
-            if line is None:
-                break
-            start = line.end()
-            if start - pos > line_limit:
-                break
-            end = start + int(line[1])
+            end = start + int(length)
             if end - start > cap:
                 break
             if end + 2 > end_of_buf:
@@ -246,6 +245,20 @@ class Connection:
                 break
             datas.append(buf[start:end])
             pos = end + 2
+            if match is None:
+                # A pattern is made only for a run (a second set to the same head), and
+                # only for a head of usual length: compiling one took 108 us, about 200
+                # times a line's match.
+                if len(head) > _SET_HEAD_MAX or not buf.startswith(head, pos):
+                    break
+                match = _set_line(head)
+            line = match(buf, pos)
+            if line is None:
+                break
+            start = line.end()
+            if start - pos > line_limit:
+                break
+            length = line[1]
         if datas:
             server = self.server
             # Counted as do_set counts: the first set before its queue is looked up (which

@@ -35,8 +35,10 @@ def set_command(queue, data, expiry=0, verb=b"set", sep=b" "):
 
 
 _data = st.binary(max_size=40) | st.sampled_from([b"", b"\r\n", b"set x 0 0 1\r\n", b"x" * 90])
+# fan+copy: a name with a character that means something in a regular expression;
+# the long one: a head past the length the run path makes a pattern for.
 _queue = st.sampled_from([b"events", b"other", b"small", b"room", b"aged", b"fan", b"bytes",
-                          b"full"])
+                          b"full", b"fan+copy", b"q" * 260])
 # 9223372036854776 s is past what a journal record can hold (ms in an int64).
 _expiry = st.sampled_from([0, 0, 5, 9223372036854775, 9223372036854776])
 # What may follow a run of sets to one queue: lines that start as the run's lines do but
