@@ -81,9 +81,11 @@ def main(argv=None):
     p.add_argument("--duration", type=int, default=6)
     p.add_argument("--connections", type=int, default=100)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if not os.path.isfile(os.path.join(args.base, "ingest", "__main__.py")):
         raise SystemExit("compare_commits: %s is not a checkout of this repository" % args.base)
-    if not shutil.which("wrk"):
+    if set(args.shapes.split(",")) - {"mixed"} and not shutil.which("wrk"):
         raise SystemExit("compare_commits: wrk is not installed (apt-get install wrk)")
     workdir = tempfile.mkdtemp(prefix="compare-commits-")
     queue = QueueServer(workdir, sync_ms=100, cpu=wrk_bench.LOAD_CPU, quiet=True).start()
@@ -99,6 +101,9 @@ def main(argv=None):
             ratios = []
             for n in range(args.rounds):
                 base_us, this_us = one_round(workers, shape, args, workdir)
+                if not (base_us and this_us):
+                    raise SystemExit("compare_commits: a worker answered no request in %s"
+                                     " round %d" % (shape, n + 1))
                 ratios.append(this_us / base_us)
                 print("%s round %d: base %.1f us CPU/request, this %.1f, ratio %.3f"
                       % (shape, n + 1, base_us, this_us, ratios[-1]), flush=True)

@@ -64,7 +64,10 @@ def parse_args(argv=None):
                    help="then this many rounds of both servers loaded at the same time "
                         "(together-N/ each); their median ratio by CPU per request is "
                         "printed too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.together < 0:
+        p.error("--rounds must be at least 1 and --together at least 0")
+    return args
 
 
 def main(argv=None):
@@ -217,10 +220,14 @@ def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1
                                                 stdout=log_file, stderr=subprocess.STDOUT))
         codes = [proc.wait(timeout=duration * 4 + 120) for proc in running]
     finally:
-        for proc in running:
+        for proc in running:          # interrupted: SIGTERM lets replay stop its children
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if any(code not in (0, 3) for code in codes):
         raise SystemExit("bench.replay failed with status %s (its output: replay.log in %s)"
                          % (codes, ", ".join(t[4] for t in targets)))
@@ -239,14 +246,17 @@ def _replay_together(args, py, out, log, ports, seed):
                 ports["queue_pid"], os.path.join(out, "worker"))]
     (hello, worker), code = replay_at_once(py, log, targets, args.duration, seed,
                                            args.concurrency, args.processes, args.loadgen_cpu)
-    print("together: hello-world %.0f req/s, %.1f us CPU per request; worker %.0f req/s, "
-          "%.1f us; ratio worker/hello by CPU per request %.3f"
+    print("together: hello-world %.0f req/s, %s us CPU per request; worker %.0f req/s, "
+          "%s us; ratio worker/hello by CPU per request %.3f"
           % (hello["ok_rps"], hello["server_cpu_us_per_request"], worker["ok_rps"],
              worker["server_cpu_us_per_request"], _cpu_ratio(hello, worker)), flush=True)
     return hello, worker, code
 
 
 def _cpu_ratio(hello, worker):
+    """hello-world's CPU per request over the worker's; 0.0 when either answered nothing."""
+    if not (hello["server_cpu_us_per_request"] and worker["server_cpu_us_per_request"]):
+        return 0.0
     return hello["server_cpu_us_per_request"] / worker["server_cpu_us_per_request"]
 
 

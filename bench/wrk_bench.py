@@ -419,6 +419,8 @@ def main(argv=None):
     p.add_argument("--nginx", action="store_true")
     p.add_argument("--skip-ratios", action="store_true", help="only the extra modes")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.open_loop_rounds < 1:
+        p.error("--rounds and --open-loop-rounds must be at least 1")
     if not shutil.which("wrk"):
         raise SystemExit("wrk_bench: wrk is not installed (apt-get install wrk)")
     workdir = args.out or tempfile.mkdtemp(prefix="wrk-bench-")
