@@ -36,12 +36,9 @@ log = logging.getLogger("ingest.queue")
 # PERF: one 256 KiB read carries a whole client batch (100 x 1 KiB sets = 103 KB): server
 # CPU 4.9-5.0 us/item vs 5.3-5.7 us/item with 64 KiB reads (bench/queue_server_bench.py).
 RECV_BYTES = 256 * 1024
-# Compiled matchers of set lines by their head (`set <queue> <flags> <expiry>`): a client
-# writes to a few queues, so a few are kept; a client naming many starts the cache over.
-_SET_LINES = {}
-_SET_LINES_KEPT = 64
-# Longer heads (a long queue name, digits padded with zeros) are stored set by set.
-_SET_HEAD_MAX = 255
+# Matchers of set lines by their head (`set <queue> <flags> <expiry>`), at most 255 bytes
+# (longer ones are stored set by set): a client writes to a few queues, so a few are kept.
+_SET_LINES, _SET_LINES_KEPT, _SET_HEAD_MAX = {}, 64, 255
 
 
 def _set_line(head):
@@ -260,15 +257,20 @@ class Connection:
                 break
             length = line[1]
         if datas:
-            server = self.server
-            # Counted as do_set counts: the first set before its queue is looked up (which
-            # may refuse the name), the others once it was.
-            server.counters["cmd_set"] += 1
-            q = server.queue(parts[1])
-            oks = server.store_many(q, datas, expiry, self.now_ms)
-            server.counters["cmd_set"] += len(datas) - 1
-            self.out.extend([STORED_REPLY if ok else NOT_STORED_REPLY for ok in oks])
+            self._store_run(parts[1], datas, expiry)
         return pos, need
+
+    def _store_run(self, name, datas, expiry):
+        """Store a run's data blocks on queue `name`, counted and answered as do_set
+        would each of them."""
+        server = self.server
+        # Counted as do_set counts: the first set before its queue is looked up (which
+        # may refuse the name), the others once it was.
+        server.counters["cmd_set"] += 1
+        q = server.queue(name)
+        oks = server.store_many(q, datas, expiry, self.now_ms)
+        server.counters["cmd_set"] += len(datas) - 1
+        self.out.extend([STORED_REPLY if ok else NOT_STORED_REPLY for ok in oks])
 
     def do_set(self, buf, parts, start):
         """Returns the end of the data block, or -(total bytes needed) if incomplete."""

@@ -64,9 +64,20 @@ _TAILS = [
     lambda q, e, d: b"set %s 00 0%d %d\r\n%s\r\n" % (q, e, len(d), d),
     lambda q, e, d: b"set %s 0 %d %d\r\n%s\r\n" % (q, e + 10 ** 16, len(d), d),
     lambda q, e, d: b"set %s 0 %d %d\r\n%s\r\n" % (q, e, len(d) + 100, d + b"y" * 100),
-    # the same set but for a length zero-padded past the longest line the server reads
+    # the same set but for a length zero-padded past the longest line the server reads,
+    # to the longest line it reads, and to one byte more
     lambda q, e, d: b"set %s 0 %d %0*d\r\n%s\r\n" % (q, e, MAX_LINE_BYTES, len(d), d),
+    lambda q, e, d: _padded_set(q, e, d, MAX_LINE_BYTES),
+    lambda q, e, d: _padded_set(q, e, d, MAX_LINE_BYTES + 1),
 ]
+
+
+def _padded_set(queue, expiry, data, line_bytes):
+    """A set whose line (its \r but not its \n) is `line_bytes` long: the length is
+    zero-padded to make it so."""
+    head = b"set %s 0 %d " % (queue, expiry)
+    width = line_bytes - len(head) - 1
+    return head + b"%0*d\r\n" % (width, len(data)) + data + b"\r\n"
 
 
 @st.composite
