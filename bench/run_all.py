@@ -199,19 +199,21 @@ def _replay(args, py, out, log, ports, seed):
 
 def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1,
                    loadgen_cpu=1):
-    """One bench.replay per target, all started at once (each pinned to `loadgen_cpu`),
-    none with a baseline, each writing its output to replay.log in its out directory.
-    `targets`: (label, url, server pid, helper pid or None, out directory).  Returns
-    ([report.json of each], the highest exit status)."""
+    """One bench.replay per target, all started at once (each pinned to `loadgen_cpu`
+    unless it is None), none with a baseline, each writing its output to replay.log in
+    its out directory.  `targets`: (label, url, server pid, helper pid or None, out
+    directory).  Returns ([report.json of each], the highest exit status)."""
     running = []
     try:
         for label, url, pid, helper, out in targets:
             argv = [py, "-m", "bench.replay", "--log", log, "--out", out, "--url", url,
                     "--server-pid", str(pid), "--label", label,
                     "--processes", str(processes), "--concurrency", str(concurrency),
-                    "--duration", str(duration), "--cpus", str(loadgen_cpu), "--seed", str(seed),
+                    "--duration", str(duration), "--seed", str(seed),
                     "--note", "replayed at the same time as: %s" % ", ".join(
                         t[0] for t in targets if t[0] != label)]
+            if loadgen_cpu is not None:
+                argv += ["--cpus", str(loadgen_cpu)]
             if helper:
                 argv += ["--helper-pid", str(helper)]
             os.makedirs(out, exist_ok=True)

@@ -101,6 +101,38 @@ def test_replay_against_worker_and_hello(tmp_path, worker, queue_server):
     assert queues["events"]["total_items"] >= doc["status_counts"]["200"] * 0.5
 
 
+def test_replay_at_once_loads_the_worker_and_the_hello_world_together(tmp_path, worker):
+    """run_all --together and compare_commits --shapes mixed: one replay per server,
+    started together, each report whole and the ratio taken by CPU per request."""
+    from bench import run_all
+    log = tmp_path / "access.log"
+    make_log.generate(str(log), 200, seed=3)
+    hello_port = free_port()
+    hello = Proc("hello", [sys.executable, "-m", "bench.hello", "--port", str(hello_port)],
+                 tmp_path / "logs").start()
+    try:
+        hello.wait_port("127.0.0.1", hello_port)
+        targets = [("hello-world", "http://127.0.0.1:%d" % hello_port, hello.pid, None,
+                    str(tmp_path / "hello")),
+                   ("worker", worker.url, worker.proc.pid, None, str(tmp_path / "worker"))]
+        (base, target), code = run_all.replay_at_once(
+            sys.executable, str(log), targets, DURATION_S, seed=1, concurrency=5,
+            loadgen_cpu=None)
+    finally:
+        hello.stop()
+    assert code == 0
+    for doc, label in ((base, "hello-world"), (target, "worker")):
+        _check_run(doc)
+        assert doc["label"] == label
+        assert doc["server_cpu_us_per_request"] > 0
+        assert "baseline" not in doc          # none of them replays a baseline first
+    assert "replayed at the same time as: worker" in base["meta"]["notes"]
+    assert (tmp_path / "worker" / "replay.log").stat().st_size > 0
+    ratio = run_all._cpu_ratio(base, target)
+    assert ratio == base["server_cpu_us_per_request"] / target["server_cpu_us_per_request"]
+    assert run_all._together_summary([(base, target, 0)])["median_cpu_ratio"] == round(ratio, 3)
+
+
 def test_log_formats_parse(tmp_path):
     """Both log formats the replayer accepts, including raw non-UTF-8 bytes in a body,
     fields a later log format may add, and the entries the replay leaves out."""
