@@ -58,8 +58,9 @@ class Backlog:
         self.consumed = 0         # bytes of ADD records handed out (a rewrite maps pos)
         self.chunk = chunk
 
-    def add(self, size):
-        self.items += 1
+    def add(self, size, count=1):
+        """`count` items of `size` bytes in all, appended to the journal."""
+        self.items += count
         self.bytes += size
 
     def want(self, written):

@@ -95,16 +95,22 @@ def test_a_set_after_the_wait_timed_out_does_not_wake_the_thread_elsewhere():
     latch.wait()          # set: returns at once
 
 
+def spawn_waiters(latches, then):
+    """A green thread per latch that waits on it, then calls then(i); returned once each
+    of them is inside its wait."""
+    def waiter(i):
+        latches[i].wait()
+        then(i)
+
+    threads = [eventlet.spawn(waiter, i) for i in range(len(latches))]
+    until_waiting(*latches)
+    return threads
+
+
 def test_set_all_wakes_every_waiter_in_order_and_skips_the_gone():
     latches = [GreenLatch() for _ in range(4)]
     order = []
-
-    def waiter(i):
-        latches[i].wait()
-        order.append(i)
-
-    threads = [eventlet.spawn(waiter, i) for i in range(4)]
-    until_waiting(*latches)
+    threads = spawn_waiters(latches, order.append)
     threads[2].kill()                      # gave up before the set
     latches[3].set()                       # set earlier: its waiter is already scheduled
     GreenLatch.set_all(latches)
@@ -143,14 +149,12 @@ def test_a_woken_thread_that_fails_does_not_strand_the_others():
     latches = [GreenLatch() for _ in range(3)]
     woke = []
 
-    def waiter(i):
-        latches[i].wait()
+    def woken(i):
         woke.append(i)
         if i == 0:
             raise RuntimeError("the first request's connection failed")
 
-    threads = [eventlet.spawn(waiter, i) for i in range(3)]
-    until_waiting(*latches)
+    threads = spawn_waiters(latches, woken)
     GreenLatch.set_all(latches)
     with eventlet.Timeout(5):
         for thread in threads[1:]:
