@@ -249,7 +249,8 @@ WORKER = Table("WorkerSettings", [
     Field("max_connections", int, 4096, "open client connections per worker", check=positive),
     Field("keepalive_idle_s", float, 75.0, "idle keep-alive connections are closed after this",
           check=not_negative),
-    Field("read_timeout_s", float, 30.0, "headers must arrive within this, and each body read",
+    Field("read_timeout_s", float, 30.0,
+          "a begun request line, and the headers, must arrive within this; and each body read",
           check=not_negative),
     Field("body_timeout_s", float, 30.0, "a request's whole body must arrive within this;"
           " later: 408 and the connection closed (0 = no limit)", check=not_negative),

@@ -2,15 +2,12 @@
 
     IngestProtocol   eventlet's HTTP/1.1 handler with strict framing, well-formed errors,
                      a whole-header deadline and closing (not answering) while draining
-    DeadlineReader   the connection's reading side, each recv bounded by the deadline of
-                     the header block or body being read
-    DeadlineInput    wsgi.input with one deadline for the whole body
     PatientListener  the listening socket, with an accept() that survives EMFILE/ENFILE
 
 What it must not do: hold application logic (that is ingest/http/, plain WSGI), or let a
 client's malformed or slow request reach the app.  With ingest/worker.py (the bootstrap),
-ingest/wsgi_exchange.py, ingest/green.py and ingest/queue/ it is one of the places that
-touch eventlet.
+ingest/wsgi_exchange.py, ingest/deadline_io.py (its reading side), ingest/green.py and
+ingest/queue/ it is one of the places that touch eventlet.
 """
 import errno
 import io
@@ -21,11 +18,10 @@ import time
 
 import eventlet
 import eventlet.wsgi
-from eventlet.greenio.base import SOCKET_BLOCKING, SOCKET_CLOSED
-from eventlet.hubs import IOClosed
 from eventlet.support import get_errno
 
 from ingest import errors
+from ingest.deadline_io import DeadlineInput, DeadlinePassed, DeadlineReader
 from ingest.http.answers import json_body
 from ingest.http.headers import parse_plain
 from ingest.wsgi_exchange import _Replay, build_environ, respond
@@ -74,6 +70,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         except (OSError, AttributeError):
             pass
         self.reader = DeadlineReader(conn)
+        self.reader.line_budget = self.server.socket_timeout
         self.rfile = io.BufferedReader(self.reader, io.DEFAULT_BUFFER_SIZE)
         self.wfile = conn.makefile("wb", self.wbufsize)
 
@@ -147,6 +144,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
                 raise
         finally:
             reader.idle_timeout = None
+            reader.deadline = None
         return ""
 
     def send_error(self, code, message=None, explain=None):
@@ -324,125 +322,6 @@ def _plain_digits(value):
 _BOTH_MESSAGE = b"Content-Length and Transfer-Encoding are not allowed together\n"
 _BOTH_FRAMINGS = (b"HTTP/1.0 400 Bad Request\r\nConnection: close\r\nContent-Length: %d\r\n"
                   b"\r\n%s" % (len(_BOTH_MESSAGE), _BOTH_MESSAGE))
-
-
-class DeadlinePassed(TimeoutError):
-    """The header block or body being read did not arrive within its deadline."""
-
-
-class DeadlineReader(io.RawIOBase):
-    """The raw stream under a connection's buffered reader (protocol.rfile): each recv
-    bounded by the socket's timeout and, while `deadline` (time.monotonic()) is set, by
-    what is left of it; past it, DeadlinePassed.
-
-    PERF: the header block and the body each have a deadline.  An eventlet.Timeout for
-    each (a hub timer made and cancelled) cost ~19,000 instructions; without them a
-    single-event request runs 7 % fewer in the whole worker.  A deadline here is an
-    attribute, looked at only when a recv is needed, and most requests need none after
-    their request line."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.deadline = None
-        self.idle_timeout = None     # while a request line is awaited: the keep-alive wait
-        # PERF: the kernel socket under eventlet's green one, read directly while there is
-        # data (GreenSocket.recv_into and its retry loop are two Python calls per read).
-        fd = getattr(sock, "fd", None)
-        self._recv_now = fd.recv_into if fd is not None else None
-
-    def readable(self):
-        return True
-
-    def fileno(self):
-        return self.sock.fileno()
-
-    def readinto(self, buf):
-        deadline = self.deadline
-        if deadline is None:
-            recv_now = self._recv_now
-            if recv_now is None:     # no kernel socket under it (the unit tests' fakes)
-                return self.sock.recv_into(buf)
-            sock = self.sock
-            while True:
-                try:
-                    return recv_now(buf)
-                except BlockingIOError:
-                    pass
-                except OSError as e:
-                    # As GreenSocket.recv_into: a reset or shut socket is the end of it,
-                    # ENOTCONN waits like EAGAIN, anything else is raised.
-                    err = get_errno(e)
-                    if err in SOCKET_CLOSED:
-                        return 0
-                    if err not in SOCKET_BLOCKING:
-                        raise
-                # Nothing yet: wait as GreenSocket.recv_into does (a close from another
-                # green thread ends the read), for the keep-alive wait or the socket's
-                # timeout.
-                idle = self.idle_timeout
-                try:
-                    sock._trampoline(sock.fd, read=True,
-                                     timeout=sock.gettimeout() if idle is None else idle,
-                                     timeout_exc=socket.timeout("timed out"))
-                except IOClosed:
-                    raise EOFError() from None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlinePassed()
-        sock = self.sock
-        per_read = sock.gettimeout()
-        if per_read is not None and per_read < left:
-            return sock.recv_into(buf)     # the per-read timeout comes first
-        sock.settimeout(left)
-        try:
-            return sock.recv_into(buf)
-        except socket.timeout:
-            raise DeadlinePassed() from None
-        finally:
-            sock.settimeout(per_read)
-
-
-class DeadlineInput:
-    """wsgi.input with one deadline for the whole body.
-
-    The socket timeout bounds each read only, so a client sending a byte every few
-    seconds would hold its request (and its connection) for as long as it likes; here
-    the body as a whole must arrive within `seconds` of the headers, else TimeoutError
-    (the app answers 408) and the connection is closed.  The connection's
-    DeadlineReader holds the deadline while a read is under way."""
-
-    def __init__(self, raw, seconds, protocol):
-        self.raw = raw
-        self.deadline = time.monotonic() + seconds
-        self.protocol = protocol
-
-    def _within(self, method, *args):
-        reader = self.protocol.reader
-        reader.deadline = self.deadline
-        try:
-            return method(*args)
-        except DeadlinePassed:
-            self.protocol.close_after_answer()
-            raise TimeoutError("request body not received in time") from None
-        except OSError:
-            self.protocol.close_after_answer()   # what is left of the body is unknown
-            raise
-        finally:
-            reader.deadline = None
-
-    def read(self, *args):
-        return self._within(self.raw.read, *args)
-
-    def readline(self, *args):
-        return self._within(self.raw.readline, *args)
-
-    def discard(self, *args):
-        """Read and drop what is left of the body (after an answer that did not read
-        it all), within the same deadline."""
-        return self._within(self.raw.discard, *args)
-
-    def __iter__(self):
-        return iter(self.read, b"")
 
 
 # accept() errors that mean "no descriptor (or memory) for a new connection now".

@@ -890,6 +890,26 @@ def test_an_unread_body_trickled_after_the_answer_is_cut_at_the_body_deadline(
     assert_alive(w)
 
 
+def test_client_trickling_its_request_line_is_dropped_after_the_read_timeout(
+        queue, make_worker):
+    """Each byte of a request line used to get a whole keep-alive wait (30 s here), so a
+    client sending one a second held its connection for as long as the line allows
+    (8 KiB).  Once the line has begun, the rest of it gets the read timeout as a whole:
+    one byte every 0.2 s is dropped after about 1 s, on a fresh connection and on a
+    kept-alive one after an answered request."""
+    w = make_worker(queue.address, extra=["--read-timeout-s", "1", "--keepalive-idle-s", "30"])
+    with connect(w.port) as sock:
+        dropped, waited = trickle(sock, b"GET /track?data=" + b"a" * 40)
+    assert dropped and 0.8 < waited < 3, (dropped, waited)
+    with connect(w.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp, _ = read_response(sock)
+        assert resp.status == 200
+        dropped, waited = trickle(sock, b"GET /health" + b"?" * 40)
+    assert dropped and 0.8 < waited < 3, (dropped, waited)
+    assert_alive(w)
+
+
 def test_client_trickling_headers_is_dropped_after_the_read_timeout(queue, make_worker):
     """The read timeout bounds the whole header block, not each read: one byte every
     0.2 s (each read well inside a 1 s timeout) is still dropped after about 1 s."""

@@ -15,9 +15,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import eventlet.wsgi
 
+from ingest.deadline_io import DeadlinePassed, DeadlineReader
 from ingest.http.headers import parse_plain
 from ingest.wsgi_exchange import build_environ
-from ingest.wsgi_server import DeadlinePassed, DeadlineReader, IngestProtocol
+from ingest.wsgi_server import IngestProtocol
 
 
 class FakeSocket:
