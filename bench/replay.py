@@ -35,6 +35,7 @@ connection the server closed while idle), or talk to anything but the given URL.
 """
 import argparse
 import base64
+import ctypes
 import datetime
 import os
 import random
@@ -302,8 +303,27 @@ def _count(counts, key):
     counts[key] = counts.get(key, 0) + 1
 
 
+# prctl(2): the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid):
+    """Have the kernel kill this load generator when the replay that started it dies.
+
+    A replay SIGKILLed (by bench.run_all's timeout, or by hand) runs no cleanup, and its
+    children would go on sending until their --duration ended."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):     # not Linux: the parent's finally must do
+        pass
+    if os.getppid() != parent_pid:        # it died before the prctl
+        os._exit(1)
+
+
 def _child(pipe, requests, offsets, cfg, index):
     """Entry point of a load generator process: connect, wait for t0, run, report."""
+    _die_with_parent(cfg["parent_pid"])
     import warnings
     warnings.simplefilter("ignore")  # eventlet's deprecation banner
     import eventlet
@@ -433,7 +453,8 @@ def run_load(requests, url, processes=1, concurrency=DEFAULT_CONCURRENCY, durati
     parts = urllib.parse.urlsplit(url)
     cfg = {"host": socket.gethostbyname(parts.hostname), "port": parts.port or 80,
            "processes": processes, "concurrency": concurrency, "duration_s": duration_s,
-           "rate": rate, "timeout_s": timeout_s, "cpus": cpus, "seed": seed, "order": order}
+           "rate": rate, "timeout_s": timeout_s, "cpus": cpus, "seed": seed, "order": order,
+           "parent_pid": os.getpid()}
     ctx = get_context("fork")  # children inherit the prebuilt requests copy-on-write
     pipes, procs = [], []
     for i in range(processes):
@@ -698,8 +719,15 @@ def describe(entries):
     return out
 
 
+def _terminated(signum, frame):
+    """SIGTERM (bench.run_all stopping a replay) unwinds like ^C, so that run_load's
+    finally stops the load generator processes."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     from bench import report  # matplotlib is imported only when writing plots
     entries, offsets, log_meta = load(args)
     described = describe(entries)

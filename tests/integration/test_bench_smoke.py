@@ -8,8 +8,10 @@ itself is bounded by --duration (or the log's length) and a wait deadline.
 """
 import base64
 import json
+import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -131,6 +133,50 @@ def test_replay_at_once_loads_the_worker_and_the_hello_world_together(tmp_path, 
     ratio = run_all._cpu_ratio(base, target)
     assert ratio == base["server_cpu_us_per_request"] / target["server_cpu_us_per_request"]
     assert run_all._together_summary([(base, target, 0)])["median_cpu_ratio"] == round(ratio, 3)
+
+
+def _gone(pid):
+    """True once `pid` has ended (gone, or a zombie no one reaped yet)."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_stopped_replay_takes_its_load_generators_with_it(tmp_path, signum):
+    """bench.run_all SIGTERMs a replay past its timeout, then SIGKILLs it.  Either way
+    the load generator processes end with it, instead of sending to the server until
+    their --duration (60 s here) ends."""
+    log = tmp_path / "access.log"
+    make_log.generate(str(log), 100, seed=4)
+    hello_port = free_port()
+    hello = Proc("hello", [sys.executable, "-m", "bench.hello", "--port", str(hello_port)],
+                 tmp_path / "logs").start()
+    children = set()
+    try:
+        hello.wait_port("127.0.0.1", hello_port)
+        replaying = Proc("replay", [sys.executable, "-m", "bench.replay", "--log", str(log),
+                                    "--url", "http://127.0.0.1:%d" % hello_port,
+                                    "--out", str(tmp_path / "out"), "--processes", "2",
+                                    "--concurrency", "2", "--duration", "60"],
+                         tmp_path / "logs").start()
+        try:
+            wait_until(lambda: len(cpu.descendants([replaying.pid])) >= 2, timeout=30,
+                       message="the replay's two load generator processes")
+            children = cpu.descendants([replaying.pid])
+            os.kill(replaying.pid, signum)
+            replaying.popen.wait(timeout=20)
+        finally:
+            replaying.stop()
+        wait_until(lambda: all(_gone(pid) for pid in children), timeout=10,
+                   message="the load generators to end with their replay")
+    finally:
+        for pid in children:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        hello.stop()
 
 
 def test_log_formats_parse(tmp_path):
