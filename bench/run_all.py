@@ -198,10 +198,10 @@ def _replay(args, py, out, log, ports, seed):
 
 
 def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1,
-                   loadgen_cpu=1):
+                   loadgen_cpu=1, rate=None):
     """One bench.replay per target, all started at once (each pinned to `loadgen_cpu`
-    unless it is None), none with a baseline, each writing its output to replay.log in
-    its out directory.  `targets`: (label, url, server pid, helper pid or None, out
+    unless it is None, each paced at `rate` requests/s if given), none with a baseline,
+    each writing its output to replay.log in its out directory.  `targets`: (label, url, server pid, helper pid or None, out
     directory).  Returns ([report.json of each], the highest exit status)."""
     running = []
     try:
@@ -214,6 +214,8 @@ def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1
                         t[0] for t in targets if t[0] != label)]
             if loadgen_cpu is not None:
                 argv += ["--cpus", str(loadgen_cpu)]
+            if rate:
+                argv += ["--rate", str(rate)]
             if helper:
                 argv += ["--helper-pid", str(helper)]
             os.makedirs(out, exist_ok=True)
@@ -247,7 +249,8 @@ def _replay_together(args, py, out, log, ports, seed):
                ("worker", "http://127.0.0.1:%d" % ports["worker"], ports["worker_pid"],
                 ports["queue_pid"], os.path.join(out, "worker"))]
     (hello, worker), code = replay_at_once(py, log, targets, args.duration, seed,
-                                           args.concurrency, args.processes, args.loadgen_cpu)
+                                           args.concurrency, args.processes, args.loadgen_cpu,
+                                           args.rate)
     print("together: hello-world %.0f req/s, %s us CPU per request; worker %.0f req/s, "
           "%s us; ratio worker/hello by CPU per request %.3f"
           % (hello["ok_rps"], hello["server_cpu_us_per_request"], worker["ok_rps"],

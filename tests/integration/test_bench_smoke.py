@@ -119,7 +119,7 @@ def test_replay_at_once_loads_the_worker_and_the_hello_world_together(tmp_path, 
                    ("worker", worker.url, worker.proc.pid, None, str(tmp_path / "worker"))]
         (base, target), code = run_all.replay_at_once(
             sys.executable, str(log), targets, DURATION_S, seed=1, concurrency=5,
-            loadgen_cpu=None)
+            loadgen_cpu=None, rate=200)
     finally:
         hello.stop()
     assert code == 0
@@ -128,6 +128,7 @@ def test_replay_at_once_loads_the_worker_and_the_hello_world_together(tmp_path, 
         assert doc["label"] == label
         assert doc["server_cpu_us_per_request"] > 0
         assert "baseline" not in doc          # none of them replays a baseline first
+        assert doc["rate_target"] == 200      # each paced at --rate (once ignored)
     assert "replayed at the same time as: worker" in base["meta"]["notes"]
     assert (tmp_path / "worker" / "replay.log").stat().st_size > 0
     ratio = run_all._cpu_ratio(base, target)
