@@ -22,7 +22,10 @@ def proc_cpu_s(pid):
 
 
 def cores_busy():
-    """{core: (busy, total) jiffies} from /proc/stat, or {} where unavailable."""
+    """{core: (busy, total, steal) jiffies} from /proc/stat, or {} where unavailable.
+
+    busy includes steal: time the hypervisor gave the core to other machines, which
+    this machine's processes could not use either."""
     out = {}
     try:
         with open("/proc/stat") as fh:
@@ -31,19 +34,28 @@ def cores_busy():
                 if name.startswith("cpu") and name != "cpu":
                     ticks = [int(v) for v in values[:8]]
                     idle = ticks[3] + ticks[4]  # idle + iowait
-                    out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
+                    out[int(name[3:])] = (sum(ticks) - idle, sum(ticks), ticks[7])
     except OSError:
         pass
     return out
 
 
-def busy_shares(before, after):
-    """Per core, the share of time it was busy (any process) between two readings."""
+def busy_shares(before, after, field=0):
+    """Per core, the share of time it was busy (any process, or the hypervisor) between
+    two readings of cores_busy; with field=2, the share the hypervisor took (steal)."""
     shares = {}
-    for core, (busy, total) in after.items():
+    for core, reading in after.items():
+        total = reading[1]
         if core in before and total > before[core][1]:
-            shares[str(core)] = round((busy - before[core][0]) / (total - before[core][1]), 3)
+            shares[str(core)] = round((reading[field] - before[core][field])
+                                      / (total - before[core][1]), 3)
     return shares
+
+
+def steal_shares(before, after):
+    """Per core, the share of time between two readings the hypervisor ran other
+    machines on it: a figure measured meanwhile is of a slower machine."""
+    return busy_shares(before, after, field=2)
 
 
 def _parents():

@@ -535,7 +535,9 @@ def measured_run(requests, url, args, label, server=None, offsets=None):
                    cpus=args.cpus, seed=args.seed, label=label, order=args.order,
                    offsets=offsets)
     # Other processes on the same cores skew every figure; this makes that visible.
-    run["cores_busy"] = cpu.busy_shares(cores_before, cpu.cores_busy())
+    cores_after = cpu.cores_busy()
+    run["cores_busy"] = cpu.busy_shares(cores_before, cores_after)
+    run["cores_steal"] = cpu.steal_shares(cores_before, cores_after)
     if server:
         run["server_cpu"] = cpu.group_usage(before, server.snapshot(), run["elapsed_s"])
         run["server_cpu_core_share"] = run["server_cpu"]["core_share"]

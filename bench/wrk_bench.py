@@ -50,6 +50,7 @@ import tempfile
 import time
 
 from bench import replay
+from bench.cpu import cores_busy, steal_shares
 from testkit.payloads import b64_json
 from testkit.procs import (LOOPBACK, QueueServer, Worker, cpu_seconds, peak_rss_kib, pinned,
                            rss_kib)
@@ -114,9 +115,22 @@ def wrk_result(out):
 
 
 def run_wrk(port, path, script, duration, connections, workdir):
+    """wrk's result, and the share of each core the hypervisor took meanwhile (`steal`:
+    this VM's speed moves with it)."""
+    cores = cores_busy()
     out = subprocess.run(wrk_argv(port, path, script, duration, connections, workdir),
                          capture_output=True, text=True, timeout=duration + 30).stdout
-    return wrk_result(out)
+    result = wrk_result(out)
+    result["steal"] = steal_shares(cores, cores_busy())
+    return result
+
+
+def steal_text(r):
+    """`steal 9%/19%` (each core's), or nothing where /proc/stat could not say."""
+    steal = r.get("steal")
+    if not steal:
+        return ""
+    return "  steal " + "/".join("%.0f%%" % (100 * v) for v in steal.values())
 
 
 def run_wrks_at_once(ports, path, script, duration, connections, workdir):
@@ -243,7 +257,7 @@ def report_line(label, r):
                r["socket_errors"])
             + "  core %.0f%%" % (100 * r["cpu_share"])
             + ("  queue %.0f%% of core 1" % (100 * r["queue_cpu_share"])
-               if "queue_cpu_share" in r else ""))
+               if "queue_cpu_share" in r else "") + steal_text(r))
 
 
 def profile_round(shape, args, workdir, queue):
@@ -298,7 +312,7 @@ def open_loop(shape, capacity, args, workdir, queue):
         finally:
             proc.stop()
         out[name] = {"achieved": r["requests"] / r["seconds"], "p50_ms": r["p50_ms"],
-                     "p99_ms": r["p99_ms"], "cpu_share": cpu_share}
+                     "p99_ms": r["p99_ms"], "cpu_share": cpu_share, "steal": r["steal"]}
     return out
 
 
@@ -325,9 +339,9 @@ def open_loop_rounds(shape, args, workdir, queue):
         for name in ("hello", "worker"):
             r = result[name]
             print("%s open loop, round %d: paced at %.0f req/s (75%% of %.0f), %s: achieved %.0f,"
-                  " p50 %.2f ms, p99 %.2f ms, %.0f%% of its core"
+                  " p50 %.2f ms, p99 %.2f ms, %.0f%% of its core%s"
                   % (shape, n + 1, result["rate"], result["capacity"], name, r["achieved"],
-                     r["p50_ms"], r["p99_ms"], 100 * r["cpu_share"]), flush=True)
+                     r["p50_ms"], r["p99_ms"], 100 * r["cpu_share"], steal_text(r)), flush=True)
     summary = {"rounds": rounds}
     for name in ("hello", "worker"):
         summary[name] = {key: statistics.median(r[name][key] for r in rounds)
