@@ -62,10 +62,11 @@ WARM_REQUESTS = 50
 MIXED_REQUESTS = 400
 
 
-def pipeline(shape, kestrel_address=None, worker_gc=True):
+def pipeline(shape, kestrel_address=None, worker_gc=True, answers=None):
     """A function that runs one request of `shape` (of `mixed`: one pass over the log's
     MIXED_REQUESTS) through the app pipeline; `worker_gc`: apply the worker's
-    garbage-collector settings to this process."""
+    garbage-collector settings to this process; `answers`: a list each answer's (status
+    line, body) is appended to."""
     import gc
 
     from bench.micro import FIXED_NOW, environ_template, load_entries
@@ -95,6 +96,8 @@ def pipeline(shape, kestrel_address=None, worker_gc=True):
         gc.set_threshold(50000, 20, 20)
 
     def start_response(status, headers, exc_info=None):
+        if answers is not None:
+            answers.append((status, []))
         if not status.startswith("200") and shape != "mixed":
             raise SystemExit("the pipeline answered %s" % status)
 
@@ -102,8 +105,9 @@ def pipeline(shape, kestrel_address=None, worker_gc=True):
         for env, body in cases:
             environ = dict(env)
             environ["wsgi.input"] = io.BytesIO(body)
-            for _chunk in app(environ, start_response):
-                pass
+            for chunk in app(environ, start_response):
+                if answers is not None:
+                    answers[-1][1].append(chunk)
         if not kestrel_address:
             sink.items.clear()
     return one

@@ -249,12 +249,19 @@ def test_the_instruction_benchmark_runs_requests_the_app_accepts(shape, monkeypa
     in CI): each request must be one the app accepts whole, or it would count a refusal."""
     from bench import instructions
     from ingest.sinks.memory import MemorySink
-    stored = []
+    stored, answers = [], []
     monkeypatch.setattr(MemorySink, "put", lambda self, pairs: stored.extend(pairs))
-    instructions.pipeline(shape, worker_gc=False)()
+    instructions.pipeline(shape, worker_gc=False, answers=answers)()
+    bodies = [b"".join(body) for _status, body in answers]
     if shape == "mixed":    # the log's ~1% malformed requests are refused; the rest stored
+        assert len(answers) == instructions.MIXED_REQUESTS
+        accepted = (b"1", b'{"status": 1, "error": null}')     # plain, verbose
+        refused = [(status, body) for (status, _), body in zip(answers, bodies)
+                   if status != "200 OK" or body not in accepted]
+        assert 0 < len(refused) <= 0.03 * len(answers), refused
         assert len(stored) > 5 * instructions.MIXED_REQUESTS
         return
+    assert [(status, body) for (status, _), body in zip(answers, bodies)] == [("200 OK", b"1")]
     assert len(stored) == {"single": 1, "batch50": 50}[shape]
 
 
