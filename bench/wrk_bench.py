@@ -339,9 +339,10 @@ def open_loop_rounds(shape, args, workdir, queue):
         for name in ("hello", "worker"):
             r = result[name]
             print("%s open loop, round %d: paced at %.0f req/s (75%% of %.0f), %s: achieved %.0f,"
-                  " p50 %.2f ms, p99 %.2f ms, %.0f%% of its core%s"
+                  " p50 %.2f ms, p99 %.2f ms, %.0f%% of its core (%.0f us per request)%s"
                   % (shape, n + 1, result["rate"], result["capacity"], name, r["achieved"],
-                     r["p50_ms"], r["p99_ms"], 100 * r["cpu_share"], steal_text(r)), flush=True)
+                     r["p50_ms"], r["p99_ms"], 100 * r["cpu_share"],
+                     1e6 * r["cpu_share"] / max(r["achieved"], 1), steal_text(r)), flush=True)
     summary = {"rounds": rounds}
     for name in ("hello", "worker"):
         summary[name] = {key: statistics.median(r[name][key] for r in rounds)
