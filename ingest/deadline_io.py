@@ -19,32 +19,40 @@ from eventlet.hubs import IOClosed
 from eventlet.support import get_errno
 
 
+# DeadlineReader.line_state: no request line is being read; one is, none of it has come
+# yet (the keep-alive wait); some of it has come.
+LINE_NONE, LINE_AWAITED, LINE_BEGUN = 0, 1, 2
+
+
 class DeadlinePassed(TimeoutError):
-    """The header block or body being read did not arrive within its deadline."""
+    """The request line, header block or body being read did not arrive within its
+    deadline."""
 
 
 class DeadlineReader(io.RawIOBase):
-    """The raw stream under a connection's buffered reader (protocol.rfile): each recv
-    bounded by the socket's timeout and, while `deadline` (time.monotonic()) is set, by
+    """The raw stream under a connection's buffered reader (protocol.rfile): what the
+    kernel socket has, at once; when it has nothing, a wait bounded by the keep-alive
+    wait or the socket's timeout and, while `deadline` (time.monotonic()) is set, by
     what is left of it; past it, DeadlinePassed.
 
-    PERF: the header block and the body each have a deadline.  An eventlet.Timeout for
-    each (a hub timer made and cancelled) cost ~19,000 instructions; without them a
-    single-event request runs 7 % fewer in the whole worker.  A deadline here is an
-    attribute, looked at only when a recv is needed, and most requests need none after
-    their request line."""
+    PERF: the request line, the header block and the body each have a deadline.  An
+    eventlet.Timeout for each (a hub timer made and cancelled) cost ~19,000
+    instructions; without them a single-event request runs 7 % fewer in the whole
+    worker.  A deadline here is an attribute, looked at only by a read under it, and
+    most requests need none after their request line."""
 
     def __init__(self, sock):
         self.sock = sock
         self.deadline = None
         self.idle_timeout = None     # while a request line is awaited: the keep-alive wait
-        # Once a request line's first bytes came, the rest of it must come within this
-        # (the header block's budget, None for none) instead of a keep-alive wait per read.
+        # Where the request line being read is (LINE_*).  Once its first bytes have come,
+        # the rest must come within line_budget (the header block's budget; None for
+        # none), not a keep-alive wait or a read timeout per read.
+        self.line_state = LINE_NONE
         self.line_budget = None
         # PERF: the kernel socket under eventlet's green one, read directly while there is
         # data (GreenSocket.recv_into and its retry loop are two Python calls per read).
-        fd = getattr(sock, "fd", None)
-        self._recv_now = fd.recv_into if fd is not None else None
+        self._recv_now = sock.fd.recv_into
 
     def readable(self):
         return True
@@ -54,60 +62,66 @@ class DeadlineReader(io.RawIOBase):
 
     def readinto(self, buf):
         deadline = self.deadline
-        if deadline is None:
-            recv_now = self._recv_now
-            if recv_now is None:     # no kernel socket under it (the unit tests' fakes)
-                return self.sock.recv_into(buf)
-            sock = self.sock
-            while True:
-                try:
-                    n = recv_now(buf)
-                except BlockingIOError:
-                    pass
-                except OSError as e:
-                    # As GreenSocket.recv_into: a reset or shut socket is the end of it,
-                    # ENOTCONN waits like EAGAIN, anything else is raised.
-                    err = get_errno(e)
-                    if err in SOCKET_CLOSED:
-                        return 0
-                    if err not in SOCKET_BLOCKING:
-                        raise
-                else:
-                    if n and self.idle_timeout is not None and self.line_budget:
-                        self._line_begun()
-                    return n
-                # Nothing yet: wait as GreenSocket.recv_into does (a close from another
-                # green thread ends the read), for the keep-alive wait or the socket's
-                # timeout.
-                idle = self.idle_timeout
-                try:
-                    sock._trampoline(sock.fd, read=True,
-                                     timeout=sock.gettimeout() if idle is None else idle,
-                                     timeout_exc=socket.timeout("timed out"))
-                except IOClosed:
-                    raise EOFError() from None
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if deadline is None and self.line_state == LINE_BEGUN and self.line_budget:
+            deadline = self._line_deadline()      # more of a begun line is wanted
+        if deadline is not None and deadline <= time.monotonic():
             raise DeadlinePassed()
-        sock = self.sock
-        per_read = sock.gettimeout()
-        if per_read is not None and per_read < left:
-            return sock.recv_into(buf)     # the per-read timeout comes first
-        sock.settimeout(left)
-        try:
-            return sock.recv_into(buf)
-        except socket.timeout:
-            raise DeadlinePassed() from None
-        finally:
-            sock.settimeout(per_read)
+        recv_now = self._recv_now
+        while True:
+            try:
+                n = recv_now(buf)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                # As GreenSocket.recv_into: a reset or shut socket is the end of it,
+                # ENOTCONN waits like EAGAIN, anything else is raised.
+                err = get_errno(e)
+                if err in SOCKET_CLOSED:
+                    return 0
+                if err not in SOCKET_BLOCKING:
+                    raise
+            else:
+                if n and self.line_state == LINE_AWAITED:
+                    self.line_state = LINE_BEGUN
+                return n
+            self._wait(deadline)
 
-    def _line_begun(self):
-        """A request line's first bytes came in: a client sending the rest a byte per
-        keep-alive wait would hold its connection for hours, so the rest of the line
-        must come within line_budget (past it, DeadlinePassed: the connection is closed
-        as after a keep-alive timeout)."""
+    def _wait(self, deadline):
+        """Until the socket has data, waiting as GreenSocket.recv_into does (a close
+        from another green thread ends the read: EOFError): for the keep-alive wait if
+        one is set, else the socket's timeout (socket.timeout past it), either cut to
+        what is left of `deadline` (DeadlinePassed past it).
+
+        PERF: a read with a deadline used to set the socket's timeout to what was left,
+        read through the green socket and set it back: a body's every read paid that,
+        even with its bytes already there.  Now only a wait looks at the deadline."""
+        sock = self.sock
+        timeout = self.idle_timeout
+        if timeout is None:
+            timeout = sock.gettimeout()
+        expired = socket.timeout("timed out")
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlinePassed()
+            if timeout is None or left <= timeout:
+                timeout, expired = left, DeadlinePassed()
+        try:
+            sock._trampoline(sock.fd, read=True, timeout=timeout, timeout_exc=expired)
+        except IOClosed:
+            raise EOFError() from None
+
+    def _line_deadline(self):
+        """A request line has begun and more of it is wanted: a client sending the rest
+        a byte per keep-alive wait (or per read timeout) would hold its connection for
+        hours, so the rest must come within line_budget (past it, DeadlinePassed: the
+        connection is closed as after a keep-alive timeout).
+
+        PERF: set at the second read of a line, not its first: most lines come whole in
+        one read and need no deadline (1,000 instructions per request when each did)."""
         self.idle_timeout = None
-        self.deadline = time.monotonic() + self.line_budget
+        self.deadline = deadline = time.monotonic() + self.line_budget
+        return deadline
 
 
 class DeadlineInput:

@@ -215,7 +215,7 @@ def _finish(protocol, request_input):
             request_input.position < (request_input.content_length or 0):
         if protocol.close_connection == 0:
             try:
-                # Through wsgi.input: the body's deadline (wsgi_server.DeadlineInput)
+                # Through wsgi.input: the body's deadline (deadline_io.DeadlineInput)
                 # holds for what is left of it too, so a client trickling the rest does
                 # not keep the connection.
                 protocol.environ["wsgi.input"].discard()

@@ -21,7 +21,8 @@ import eventlet.wsgi
 from eventlet.support import get_errno
 
 from ingest import errors
-from ingest.deadline_io import DeadlineInput, DeadlinePassed, DeadlineReader
+from ingest.deadline_io import (LINE_AWAITED, LINE_NONE, DeadlineInput, DeadlinePassed,
+                                DeadlineReader)
 from ingest.http.answers import json_body
 from ingest.http.headers import parse_plain
 from ingest.wsgi_exchange import _Replay, build_environ, respond
@@ -55,7 +56,8 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
     - Content-Length must be plain digits and appear once; Transfer-Encoding must be one
       line that says `chunked`, and only in an HTTP/1.1 request; no header line may
       hold a lone CR.
-    - The header block must arrive within the read timeout as a whole (slow-loris).
+    - A begun request line, and then the header block, must each arrive within the
+      read timeout as a whole (slow-loris).
     """
 
     default_request_version = "HTTP/1.0"
@@ -124,7 +126,8 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
 
     def _read_request_line(self):
         """The next request line, waiting for it up to the keep-alive timeout (eventlet's
-        method, with that timeout given to the reader instead of the socket)."""
+        method, with that timeout given to the reader instead of the socket); once it has
+        begun, the rest of it within the read timeout as a whole (DeadlineReader)."""
         if self.rfile.closed:
             self.close_connection = 1
             return ""
@@ -133,6 +136,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
         reader = self.reader
         if keepalive and not isinstance(keepalive, bool):
             reader.idle_timeout = keepalive
+        reader.line_state = LINE_AWAITED
         try:
             return self.rfile.readline(server.url_length_limit)
         except OSError as e:
@@ -144,6 +148,7 @@ class IngestProtocol(eventlet.wsgi.HttpProtocol):
                 raise
         finally:
             reader.idle_timeout = None
+            reader.line_state = LINE_NONE
             reader.deadline = None
         return ""
 

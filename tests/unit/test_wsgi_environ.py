@@ -15,7 +15,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import eventlet.wsgi
 
-from ingest.deadline_io import DeadlinePassed, DeadlineReader
+from ingest.deadline_io import LINE_AWAITED, LINE_BEGUN, DeadlinePassed, DeadlineReader
 from ingest.http.headers import parse_plain
 from ingest.wsgi_exchange import build_environ
 from ingest.wsgi_server import IngestProtocol
@@ -119,51 +119,14 @@ def reader_over(sock):
     return raw, io.BufferedReader(raw, 8192)
 
 
-def test_without_a_deadline_reads_run_under_the_socket_timeout():
-    sock = ScriptedSocket([b"GET / HTTP/1.1\r\n"])
-    raw, rfile = reader_over(sock)
-    assert rfile.readline() == b"GET / HTTP/1.1\r\n"
-    assert sock.recv_timeouts == [5.0]
-
-
-def test_a_near_deadline_cuts_the_recv_timeout_and_the_socket_timeout_comes_back():
-    sock = ScriptedSocket([b"X-A: 1\r\n"])
-    raw, rfile = reader_over(sock)
-    raw.deadline = time.monotonic() + 1.0
-    assert rfile.readline() == b"X-A: 1\r\n"
-    assert 0 < sock.recv_timeouts[0] <= 1.0 and sock.timeout == 5.0
-
-
-def test_a_far_deadline_leaves_the_per_read_timeout_alone():
-    sock = ScriptedSocket([b"X-A: 1\r\n"])
-    raw, rfile = reader_over(sock)
-    raw.deadline = time.monotonic() + 60
-    rfile.readline()
-    assert sock.recv_timeouts == [5.0]
-
-
-def test_a_recv_that_times_out_under_the_deadline_is_deadline_passed():
-    sock = ScriptedSocket([b"X-A", socket.timeout("timed out")])
-    raw, rfile = reader_over(sock)
-    raw.deadline = time.monotonic() + 1.0
-    with pytest.raises(DeadlinePassed):
-        rfile.readline()
-    assert sock.timeout == 5.0 and len(sock.recv_timeouts) == 2
-
-
-def test_a_passed_deadline_is_refused_before_any_recv():
-    sock = ScriptedSocket([b"never read"])
-    raw, rfile = reader_over(sock)
-    raw.deadline = time.monotonic() - 0.001
-    with pytest.raises(DeadlinePassed):
-        rfile.readline()
-    assert sock.recv_timeouts == [] and isinstance(DeadlinePassed(), TimeoutError)
+TIMES_OUT = "the wait's timeout fires"
 
 
 class GreenScripted(ScriptedSocket):
     """A green socket's shape: `fd` (the kernel socket, answering from `now`, where
     BlockingIOError means no data yet) beside the green recv_into and the wait
-    (_trampoline, which records its timeout and may raise what `waits` holds)."""
+    (_trampoline, which records its timeout and may raise what `waits` holds; for
+    TIMES_OUT, the exception it was given for its timeout)."""
 
     def __init__(self, now, chunks, waits=()):
         super().__init__(chunks)
@@ -175,7 +138,42 @@ class GreenScripted(ScriptedSocket):
         assert fd is self.fd and read and isinstance(timeout_exc, socket.timeout)
         self.wait_timeouts.append(timeout)
         if self.waits:
-            raise self.waits.pop(0)
+            what = self.waits.pop(0)
+            raise timeout_exc if what is TIMES_OUT else what
+
+
+def test_a_near_deadline_cuts_the_wait_and_leaves_the_socket_timeout_alone():
+    sock = GreenScripted([BlockingIOError(), b"X-A: 1\r\n"], [])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() + 1.0
+    assert rfile.readline() == b"X-A: 1\r\n"
+    assert 0 < sock.wait_timeouts[0] <= 1.0 and sock.timeout == 5.0
+
+
+def test_a_far_deadline_leaves_the_per_read_timeout_alone():
+    sock = GreenScripted([BlockingIOError(), b"X-A: 1\r\n"], [])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() + 60
+    rfile.readline()
+    assert sock.wait_timeouts == [5.0]
+
+
+def test_a_wait_that_times_out_under_the_deadline_is_deadline_passed():
+    sock = GreenScripted([b"X-A", BlockingIOError()], [], waits=[TIMES_OUT])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() + 1.0
+    with pytest.raises(DeadlinePassed):
+        rfile.readline()
+    assert 0 < sock.wait_timeouts[0] <= 1.0 and sock.timeout == 5.0
+
+
+def test_a_passed_deadline_is_refused_before_any_recv():
+    sock = GreenScripted([b"never read"], [])
+    raw, rfile = reader_over(sock)
+    raw.deadline = time.monotonic() - 0.001
+    with pytest.raises(DeadlinePassed):
+        rfile.readline()
+    assert sock.fd.recv_timeouts == [] and isinstance(DeadlinePassed(), TimeoutError)
 
 
 def test_ready_data_is_read_from_the_kernel_socket_without_the_green_one():
@@ -200,6 +198,44 @@ def test_a_request_line_is_awaited_for_the_keep_alive_timeout():
     assert sock.wait_timeouts == [75.0] and sock.timeout == 5.0
 
 
+def awaiting_a_line(sock, idle_timeout=75.0, line_budget=1.0):
+    """A reader as _read_request_line leaves it while it waits for a request line."""
+    raw, rfile = reader_over(sock)
+    raw.idle_timeout, raw.line_budget, raw.line_state = idle_timeout, line_budget, LINE_AWAITED
+    return raw, rfile
+
+
+@pytest.mark.parametrize("idle_timeout", [75.0, None], ids=["keep-alive", "no keep-alive"])
+def test_the_rest_of_a_begun_request_line_gets_the_read_timeout_as_a_whole(idle_timeout):
+    """Its first bytes begin the line; the next read waits at most what is left of the
+    1 s budget (through the green socket), not a keep-alive wait or a whole read
+    timeout, and a read past it is DeadlinePassed."""
+    sock = GreenScripted([b"GET /tr", BlockingIOError()], [], waits=[TIMES_OUT])
+    raw, rfile = awaiting_a_line(sock, idle_timeout)
+    with pytest.raises(DeadlinePassed):
+        rfile.readline()
+    assert raw.line_state == LINE_BEGUN and raw.idle_timeout is None
+    assert len(sock.wait_timeouts) == 1 and 0 < sock.wait_timeouts[0] <= 1.0
+
+
+def test_a_line_that_comes_whole_sets_no_deadline():
+    sock = GreenScripted([b"GET / HTTP/1.1\r\n"], [])
+    raw, rfile = awaiting_a_line(sock)
+    assert rfile.readline() == b"GET / HTTP/1.1\r\n"
+    assert raw.line_state == LINE_BEGUN and raw.deadline is None
+
+
+def test_an_empty_read_or_no_budget_starts_no_line_deadline():
+    sock = GreenScripted([b""], [])
+    raw, rfile = awaiting_a_line(sock)
+    assert rfile.readline() == b""                 # the client closed: no line began
+    assert raw.line_state == LINE_AWAITED and raw.deadline is None
+    sock = GreenScripted([b"GET /", BlockingIOError(), b" HTTP/1.1\r\n"], [])
+    raw, rfile = awaiting_a_line(sock, line_budget=None)    # --read-timeout-s 0
+    assert rfile.readline() == b"GET / HTTP/1.1\r\n"
+    assert raw.deadline is None and sock.wait_timeouts == [75.0]
+
+
 def test_a_socket_closed_while_waiting_ends_the_read_as_eventlet_does():
     from eventlet.hubs import IOClosed
     sock = GreenScripted([BlockingIOError()], [], waits=[IOClosed()])
@@ -215,12 +251,12 @@ def test_a_wait_that_times_out_raises_the_socket_timeout():
         rfile.readline()
 
 
-def test_with_a_deadline_reads_go_through_the_green_socket():
-    sock = GreenScripted([b"never read"], [b"X-A: 1\r\n"])
+def test_with_a_deadline_data_already_there_is_read_at_once():
+    sock = GreenScripted([b"X-A: 1\r\n"], [b"never read"])
     raw, rfile = reader_over(sock)
     raw.deadline = time.monotonic() + 60
     assert rfile.readline() == b"X-A: 1\r\n"
-    assert sock.fd.recv_timeouts == [] and sock.recv_timeouts == [5.0]
+    assert sock.wait_timeouts == [] and sock.recv_timeouts == []    # not the green socket
 
 
 # ---- send_answer: straight to the kernel socket, the green one for what is left ------------
