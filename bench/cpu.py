@@ -30,14 +30,24 @@ def cores_busy():
     try:
         with open("/proc/stat") as fh:
             for line in fh:
-                name, *values = line.split()
-                if name.startswith("cpu") and name != "cpu":
-                    ticks = [int(v) for v in values[:8]]
-                    idle = ticks[3] + ticks[4]  # idle + iowait
-                    out[int(name[3:])] = (sum(ticks) - idle, sum(ticks), ticks[7])
+                core = core_ticks(line)
+                if core is not None:
+                    out[core[0]] = core[1]
     except OSError:
         pass
     return out
+
+
+def core_ticks(line):
+    """(core, (busy, total, steal)) from a `cpuN ...` line of /proc/stat, else None.
+    Its columns: user nice system idle iowait irq softirq steal (guest time, after
+    them, is already in user and nice)."""
+    name, *values = line.split()
+    if not name.startswith("cpu") or name == "cpu":
+        return None
+    ticks = [int(v) for v in values[:8]] + [0] * (8 - len(values[:8]))   # old kernels
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return int(name[3:]), (sum(ticks) - idle, sum(ticks), ticks[7])
 
 
 def busy_shares(before, after, field=0):

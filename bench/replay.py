@@ -312,9 +312,12 @@ def _die_with_parent(parent_pid):
 
     A replay SIGKILLed (by bench.run_all's timeout, or by hand) runs no cleanup, and its
     children would go on sending until their --duration ended."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's _terminated
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            print("bench.replay: prctl(PR_SET_PDEATHSIG) failed (errno %d): this load "
+                  "generator outlives a killed replay" % ctypes.get_errno(), file=sys.stderr)
     except (OSError, AttributeError):     # not Linux: the parent's finally must do
         pass
     if os.getppid() != parent_pid:        # it died before the prctl
@@ -457,19 +460,19 @@ def run_load(requests, url, processes=1, concurrency=DEFAULT_CONCURRENCY, durati
            "parent_pid": os.getpid()}
     ctx = get_context("fork")  # children inherit the prebuilt requests copy-on-write
     pipes, procs = [], []
-    for i in range(processes):
-        share, share_offsets = requests, None
-        if order == "recorded":   # every P-th request, so the processes keep the order
-            share = requests[i::processes]
-            share_offsets = offsets[i::processes] if offsets is not None else None
-        parent_end, child_end = ctx.Pipe()
-        p = ctx.Process(target=_child, args=(child_end, share, share_offsets, cfg, i),
-                        daemon=True)
-        p.start()
-        child_end.close()
-        pipes.append(parent_end)
-        procs.append(p)
     try:
+        for i in range(processes):
+            share, share_offsets = requests, None
+            if order == "recorded":   # every P-th request, so the processes keep the order
+                share = requests[i::processes]
+                share_offsets = offsets[i::processes] if offsets is not None else None
+            parent_end, child_end = ctx.Pipe()
+            p = ctx.Process(target=_child, args=(child_end, share, share_offsets, cfg, i),
+                            daemon=True)
+            p.start()
+            child_end.close()
+            pipes.append(parent_end)
+            procs.append(p)
         return _drive(pipes, procs, cfg, label, quiet)
     finally:
         for p in procs:

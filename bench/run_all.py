@@ -201,8 +201,9 @@ def replay_at_once(py, log, targets, duration, seed, concurrency=25, processes=1
                    loadgen_cpu=1, rate=None):
     """One bench.replay per target, all started at once (each pinned to `loadgen_cpu`
     unless it is None, each paced at `rate` requests/s if given), none with a baseline,
-    each writing its output to replay.log in its out directory.  `targets`: (label, url, server pid, helper pid or None, out
-    directory).  Returns ([report.json of each], the highest exit status)."""
+    each writing its output to replay.log in its out directory.  `targets`: (label, url,
+    server pid, helper pid or None, out directory).  Returns ([report.json of each], the
+    highest exit status)."""
     running = []
     try:
         for label, url, pid, helper, out in targets:

@@ -136,13 +136,15 @@ def test_replay_at_once_loads_the_worker_and_the_hello_world_together(tmp_path, 
     assert run_all._together_summary([(base, target, 0)])["median_cpu_ratio"] == round(ratio, 3)
 
 
-def _gone(pid):
-    """True once `pid` has ended (gone, or a zombie no one reaped yet)."""
+def _started(pid):
+    """`pid`'s start time (clock ticks after boot), or None once it has ended (gone, or
+    a zombie no one reaped yet): with the pid, it names one process, not a reused pid."""
     try:
         with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+            fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
-        return True
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
@@ -155,7 +157,7 @@ def test_a_stopped_replay_takes_its_load_generators_with_it(tmp_path, signum):
     hello_port = free_port()
     hello = Proc("hello", [sys.executable, "-m", "bench.hello", "--port", str(hello_port)],
                  tmp_path / "logs").start()
-    children = set()
+    children = {}
     try:
         hello.wait_port("127.0.0.1", hello_port)
         replaying = Proc("replay", [sys.executable, "-m", "bench.replay", "--log", str(log),
@@ -166,16 +168,18 @@ def test_a_stopped_replay_takes_its_load_generators_with_it(tmp_path, signum):
         try:
             wait_until(lambda: len(cpu.descendants([replaying.pid])) >= 2, timeout=30,
                        message="the replay's two load generator processes")
-            children = cpu.descendants([replaying.pid])
+            children = {pid: _started(pid) for pid in cpu.descendants([replaying.pid])}
             os.kill(replaying.pid, signum)
-            replaying.popen.wait(timeout=20)
+            code = replaying.popen.wait(timeout=20)
         finally:
             replaying.stop()
-        wait_until(lambda: all(_gone(pid) for pid in children), timeout=10,
-                   message="the load generators to end with their replay")
+        # SIGTERM unwinds the replay (its finally stops the children): status 128 + 15.
+        assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signal.SIGTERM)
+        wait_until(lambda: all(_started(pid) != start for pid, start in children.items()),
+                   timeout=10, message="the load generators to end with their replay")
     finally:
-        for pid in children:
-            if not _gone(pid):
+        for pid, start in children.items():
+            if start is not None and _started(pid) == start:
                 os.kill(pid, signal.SIGKILL)
         hello.stop()
 

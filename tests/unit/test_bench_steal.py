@@ -3,6 +3,15 @@ warnings about them (no processes: readings are made up)."""
 from bench import cpu, report
 
 
+def test_a_proc_stat_line_reads_as_busy_total_and_steal():
+    line = "cpu1 1110225 2396 99120 2222888 9134 0 26690 30181 0 0\n"
+    busy = 1110225 + 2396 + 99120 + 0 + 26690 + 30181
+    assert cpu.core_ticks(line) == (1, (busy, busy + 2222888 + 9134, 30181))
+    assert cpu.core_ticks("cpu  1 2 3 4 5 6 7 8 0 0\n") is None      # all cores summed
+    assert cpu.core_ticks("intr 12 0 0\n") is None
+    assert cpu.core_ticks("cpu0 5 0 5 10 0\n") == (0, (10, 20, 0))    # no steal column
+
+
 def test_busy_and_steal_shares_between_two_readings():
     before = {0: (100, 1000, 10), 1: (500, 1000, 0)}
     after = {0: (700, 2000, 110), 1: (600, 2000, 0), 2: (5, 10, 0)}
