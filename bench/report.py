@@ -31,8 +31,8 @@ BUSY_CORE_SHARE = 0.90
 # More than this many cores' worth of CPU used by other processes disturbs the figures.
 OTHER_LOAD_CORES = 0.25
 # A core whose time the hypervisor gave to other machines above this share (steal) ran
-# slower than on a quiet host (on this VM, 9 % and 19 % of steal came with in-process
-# decode times about twice those of quieter hours).
+# slower than on a quiet host (on this VM, a batch50 open-loop round with 9 % and 17 %
+# had a p99 of 56 ms, the rounds beside it without steal 9-10 ms).
 STEAL_SHARE = 0.05
 PLOTS = ("throughput.png", "latency.png", "latency_hist.png")
 
