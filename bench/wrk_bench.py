@@ -134,7 +134,9 @@ def steal_text(r):
 
 
 def run_wrks_at_once(ports, path, script, duration, connections, workdir):
-    """One wrk against each of `ports`, all at the same time: their results, in order."""
+    """One wrk against each of `ports`, all at the same time: their results, in order,
+    each with the cores' steal meanwhile (see run_wrk)."""
+    cores = cores_busy()
     runs = [subprocess.Popen(wrk_argv(port, path, script, duration, connections, workdir,
                                       "at-once-%d" % i), stdout=subprocess.PIPE, text=True)
             for i, port in enumerate(ports)]
@@ -145,7 +147,8 @@ def run_wrks_at_once(ports, path, script, duration, connections, workdir):
             if run.poll() is None:
                 run.kill()
                 run.wait()
-    return [wrk_result(out) for out in outs]
+    steal = steal_shares(cores, cores_busy())
+    return [dict(wrk_result(out), steal=steal) for out in outs]
 
 
 def measure(pid, port, shape, args, workdir, queue=None):
@@ -236,11 +239,11 @@ def together(args, workdir, queue, summary):
             rows.append({"hello": base, "worker": target})
             print("%s together, round %d: hello %.0f req/s %.1f us CPU/request, worker %.0f"
                   " req/s %.0f events/s %.1f us CPU/request (%.0f events per CPU-second);"
-                  " ratio %.3f (by CPU per request %.3f)"
+                  " ratio %.3f (by CPU per request %.3f)%s"
                   % (shape, n + 1, base["rps"], base["cpu_us_per_request"], target["rps"],
                      target["events_per_s"], target["cpu_us_per_request"],
                      target["events_per_s"] / max(target["cpu_share"], 1e-9), ratios[-1],
-                     cpu_ratios[-1]))
+                     cpu_ratios[-1], steal_text(target)))
             sys.stdout.flush()
         summary.setdefault(shape, {})["together"] = {
             "rounds": rows, "median_ratio": statistics.median(ratios),
