@@ -141,18 +141,12 @@ def _seam_child(argv):
         from ingest import config
         from ingest.http import make_app
         from ingest.sinks.memory import MemorySink
-        from ingest.wsgi_server import IngestProtocol
+        from ingest.worker import server_options
         settings = config.resolve({}, environ={})
         app = make_app(settings, MemorySink(), time.time)
-        # The worker's server options (ingest/worker.py).
-        server = eventlet.wsgi.Server(
-            None, ("127.0.0.1", 0), app, log=logging.getLogger("ingest.wsgi"),
-            protocol=IngestProtocol,
-            environ={"ingest.body_timeout_s": settings.body_timeout_s}, log_output=False,
-            debug=False, keepalive=settings.keepalive_idle_s or False,
-            url_length_limit=settings.max_request_line_bytes,
-            socket_timeout=settings.read_timeout_s or None, capitalize_response_headers=False)
-        protocol = IngestProtocol
+        options = server_options(settings)
+        server = eventlet.wsgi.Server(None, ("127.0.0.1", 0), app, **options)
+        protocol = options["protocol"]
     else:
         from bench.hello import app
         server = eventlet.wsgi.Server(None, ("127.0.0.1", 0), app, log_output=False,
@@ -180,16 +174,20 @@ def _seam_child(argv):
 
 
 def per_seam_request(mode, shape, requests):
-    counts = []
-    for n in (WARM_REQUESTS, WARM_REQUESTS + requests):
-        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                sys.executable, "-m", "bench.instructions", "--seam-child", mode, shape,
-                str(n)]
-        env = dict(os.environ, PYTHONHASHSEED="0")
-        out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=600)
-        counts.append(_collected(out.stderr))
+    counts = [_callgrind_child("--seam-child", mode, shape, str(n))
+              for n in (WARM_REQUESTS, WARM_REQUESTS + requests)]
     return (counts[1] - counts[0]) / float(requests)
+
+
+def _callgrind_child(*args):
+    """Instructions of `python -m bench.instructions ARGS` under callgrind."""
+    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+            sys.executable, "-m", "bench.instructions"] + list(args)
+    # A fixed hash seed: with a random one, dict and set layouts (and so the count) move
+    # by about 1% from run to run.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return _collected(out.stderr)
 
 
 def _collected(stderr):
@@ -200,15 +198,7 @@ def _collected(stderr):
 
 
 def _instructions(shape, count, address):
-    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-            sys.executable, "-m", "bench.instructions", "--child", shape, str(count)]
-    if address:
-        argv.append(address)
-    # A fixed hash seed: with a random one, dict and set layouts (and so the count) move
-    # by about 1% from run to run.
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    return _collected(out.stderr)
+    return _callgrind_child("--child", shape, str(count), *([address] if address else []))
 
 
 def _process_count(argv, drive):

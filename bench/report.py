@@ -363,8 +363,9 @@ def _cpu_md(doc):
             lines.append("Cores busy during the %s run (all processes): %s" % (name, ", ".join(
                 "core %s %.0f%%" % (c, v * 100) for c, v in sorted(s["cores_busy"].items()))))
             steal = s.get("cores_steal") or {}
-            lines.append("Of which the hypervisor took (steal): %s" % ", ".join(
-                "core %s %.0f%%" % (c, v * 100) for c, v in sorted(steal.items())))
+            if steal:                   # reports made before steal was read have none
+                lines.append("Of which the hypervisor took (steal): %s" % ", ".join(
+                    "core %s %.0f%%" % (c, v * 100) for c, v in sorted(steal.items())))
     return lines
 
 

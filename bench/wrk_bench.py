@@ -22,8 +22,9 @@ Further modes (each reported after the ratios):
                   core 0, each under its own wrk on core 1.  This machine's speed drifts
                   within seconds (the hello-world alone took 97 to 179 us of CPU per
                   single GET on it), which the alternating rounds above see as noise in
-                  their ratio; running both at once exposes them to the same drift.  The ratios of requests/s and of CPU per request (from /proc)
-                  are both reported.
+                  their ratio; running both at once exposes them to the same drift.  The
+                  ratios of requests/s and of CPU per request (from /proc) are both
+                  reported.
     --open-loop   latency at 75% of each shape's capacity, paced: 50 wrk connections each
                   waiting a random delay before every request (closed-loop p99 at 100
                   connections is only connections / throughput); the hello-world at the
@@ -34,6 +35,9 @@ Further modes (each reported after the ratios):
     --nginx       the production tree (two workers, nginx, the queue; supervisord from
                   a temporary directory) through nginx and directly to one worker slot:
                   nothing pinned, so all of it shares the 2 cores with wrk
+
+Every figure is followed by each core's steal meanwhile (from /proc/stat): the share
+of its time the hypervisor gave to other machines, which makes this one slower.
 
 It needs wrk (Debian package `wrk`); it only talks to 127.0.0.1 and stops every process
 it started by pid.

@@ -1,8 +1,8 @@
 """The reading side of a worker's connection: deadlines for what a client sends.
 
-    DeadlineReader   the raw stream under the connection's buffered reader: each recv
-                     bounded by the deadline of the request line, header block or body
-                     being read, or by the keep-alive wait before a request line
+    DeadlineReader   the raw stream under the connection's buffered reader: each wait
+                     for data bounded by the deadline of the request line, header block
+                     or body being read, or by the keep-alive wait before a request line
     DeadlineInput    wsgi.input with one deadline for the whole body
     DeadlinePassed   what a read past its deadline raises
 
@@ -117,8 +117,8 @@ class DeadlineReader(io.RawIOBase):
         hours, so the rest must come within line_budget (past it, DeadlinePassed: the
         connection is closed as after a keep-alive timeout).
 
-        PERF: set at the second read of a line, not its first: most lines come whole in
-        one read and need no deadline (1,000 instructions per request when each did)."""
+        Set at the line's second read, not its first: most lines come whole in one read
+        and need no deadline (no clock read for them)."""
         self.idle_timeout = None
         self.deadline = deadline = time.monotonic() + self.line_budget
         return deadline

@@ -197,6 +197,19 @@ def serve(settings):
         log.info("profile written to %s", settings.profile_file)
 
 
+def server_options(settings):
+    """eventlet's HTTP server options for a worker with `settings` (bench.instructions
+    --seam builds its server with them too)."""
+    return dict(
+        log=logging.getLogger("ingest.wsgi"), protocol=IngestProtocol,
+        environ={"ingest.body_timeout_s": settings.body_timeout_s}, log_output=False,
+        debug=False, keepalive=settings.keepalive_idle_s or False,
+        url_length_limit=settings.max_request_line_bytes,
+        socket_timeout=settings.read_timeout_s or None,
+        # Our header names are already canonical; skip eventlet re-capitalising each one.
+        capitalize_response_headers=False)
+
+
 def _serve(settings):
     log.info("settings: %s", settings.describe())
     # eventlet reads its header-line limit from a module global; the bootstrap owns it.
@@ -214,14 +227,8 @@ def _serve(settings):
         log.warning(warning)
     sock = PatientListener(listen(settings), state)
     flags = watch_signals()
-    server = eventlet.spawn(
-        eventlet.wsgi.server, sock, app, log=logging.getLogger("ingest.wsgi"),
-        protocol=IngestProtocol, environ={"ingest.body_timeout_s": settings.body_timeout_s},
-        log_output=False, debug=False, keepalive=settings.keepalive_idle_s or False,
-        url_length_limit=settings.max_request_line_bytes, max_size=settings.max_connections,
-        socket_timeout=settings.read_timeout_s or None,
-        # Our header names are already canonical; skip eventlet re-capitalising each one.
-        capitalize_response_headers=False)
+    server = eventlet.spawn(eventlet.wsgi.server, sock, app,
+                            max_size=settings.max_connections, **server_options(settings))
     forwarding = eventlet.spawn(forwarder.run) if forwarder is not None else None
     if forwarder is not None and settings.spool_sync_ms > 0:
         eventlet.spawn(forwarder.run_syncer)

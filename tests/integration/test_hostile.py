@@ -894,7 +894,7 @@ def test_client_trickling_its_request_line_is_dropped_after_the_read_timeout(
         queue, make_worker):
     """Each byte of a request line used to get a whole keep-alive wait (30 s here), so a
     client sending one a second held its connection for as long as the line allows
-    (8 KiB).  Once the line has begun, the rest of it gets the read timeout as a whole:
+    (64 KiB by default).  Once the line has begun, the rest of it gets the read timeout as a whole:
     one byte every 0.2 s is dropped after about 1 s, on a fresh connection (with and
     without keep-alive) and on a kept-alive one after an answered request."""
     w = make_worker(queue.address, extra=["--read-timeout-s", "1", "--keepalive-idle-s", "30"])
