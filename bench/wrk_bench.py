@@ -287,38 +287,46 @@ def profile_round(shape, args, workdir, queue):
 OPEN_LOOP_CONNECTIONS = 50
 # Seconds of closed-loop wrk that measure the capacity an open-loop round is paced from.
 OPEN_LOOP_CAPACITY_S = 5
-# Seconds of paced wrk that measure how long each connection's cycle takes beyond its
-# delays (the answers' latency), before the round that is reported.
+# Seconds of paced wrk that measure how long each connection's cycle takes beyond the
+# delays asked for (mostly the answers' latency), before the round that is reported.
 OPEN_LOOP_TRIAL_S = 3
 
 
 def paced_script(script, mean_ms):
     """A wrk script whose every connection waits a random delay before each request,
-    uniform from 0 to twice `mean_ms` milliseconds: 50 connections offer a steady rate
-    (as long as each answer comes back well within the pace; delay_for takes their
-    latency off the delay), so the latency reported is that of an open loop at that
-    rate, not connections / throughput.  Random, because connections that all waited the same delay would stay
-    in step and arrive as bursts of 50.  wrk's delays are whole milliseconds, so each is
-    rounded up or down at random (adding a uniform 0..1 before the floor), which keeps
-    the mean at `mean_ms` exactly: rounding the mean itself asked a fast machine for
-    84 % of its capacity (a 4.48 ms mean rounded to 4) instead of 75 %."""
+    from 0 to twice `mean_ms` milliseconds, `mean_ms` on average: 50 connections offer a
+    steady rate (delay_for takes the answers' latency off the delay), so the latency
+    reported is near that of an open loop at that rate, not connections / throughput.
+    It is still a loop: a connection waiting for a slow answer sends nothing meanwhile.
+    Random, because connections that all waited the same delay would stay in step and
+    arrive as bursts of 50.  wrk truncates a delay to whole milliseconds, so each is
+    rounded up or down at random (a uniform 0..1 added before the floor), which keeps the
+    mean asked for at `mean_ms`; rounding the mean itself asked a fast machine for 84 %
+    of its capacity (a 4.48 ms mean rounded to 4) instead of 75 %."""
     return (script or "") + (
         "function delay()\n  return math.floor(math.random() * %.4f + math.random())\nend\n"
         % (2 * mean_ms))
 
 
-def delay_for(rate, port, path, script, workdir):
+def delay_for(rate, port, path, script, workdir, trial=None):
     """The mean delay, in milliseconds, that brings OPEN_LOOP_CONNECTIONS to `rate`
     requests/s against the server on `port`.  A connection waits for each answer before
-    its next delay, so delays of connections / rate alone offer less than `rate` (9,300
-    single GETs/s where 11,142 were asked for: a 1 ms answer beside a 4.5 ms delay).  A
-    trial of OPEN_LOOP_TRIAL_S at that delay measures the rest of each connection's
-    cycle, which is then taken off the delay."""
+    its next delay, so delays of connections / rate alone offer less than `rate` (with
+    the delays above, 9,300 single GETs/s arrived where 11,142 were asked for: a 1 ms
+    answer beside a 4.5 ms delay).  A trial of OPEN_LOOP_TRIAL_S at that delay measures
+    each connection's whole cycle, and the delay is shortened by what the cycle took
+    beyond it (or lengthened, where wrk's timers fired early).  `trial`: run_wrk's
+    stand-in, for tests."""
     mean_ms = OPEN_LOOP_CONNECTIONS * 1000.0 / rate
-    trial = run_wrk(port, path, paced_script(script, mean_ms), OPEN_LOOP_TRIAL_S,
-                    OPEN_LOOP_CONNECTIONS, workdir)
-    cycle_ms = OPEN_LOOP_CONNECTIONS * 1000.0 * trial["seconds"] / max(trial["requests"], 1)
-    return max(0.0, mean_ms - max(0.0, cycle_ms - mean_ms))
+    result = (trial or run_wrk)(port, path, paced_script(script, mean_ms), OPEN_LOOP_TRIAL_S,
+                                OPEN_LOOP_CONNECTIONS, workdir)
+    if not result["requests"] or result["non_2xx"] or result["socket_errors"]:
+        raise SystemExit("open loop: the trial at %.0f req/s on port %d got %d answers, %d"
+                         " not 2xx, socket errors %r; nothing to pace from"
+                         % (rate, port, result["requests"], result["non_2xx"],
+                            result["socket_errors"]))
+    cycle_ms = OPEN_LOOP_CONNECTIONS * 1000.0 * result["seconds"] / result["requests"]
+    return max(0.0, 2 * mean_ms - cycle_ms)
 
 
 def open_loop(shape, capacity, args, workdir, queue):
@@ -368,7 +376,7 @@ def open_loop_rounds(shape, args, workdir, queue):
         for name in ("hello", "worker"):
             r = result[name]
             print("%s open loop, round %d: paced at %.0f req/s (75%% of %.0f), %s: achieved"
-                  " %.0f (%.0f%%), p50 %.2f ms, p99 %.2f ms, %.0f%% of its core (%.0f us per"
+                  " %.0f (%.0f%% of capacity), p50 %.2f ms, p99 %.2f ms, %.0f%% of its core (%.0f us per"
                   " request)%s"
                   % (shape, n + 1, result["rate"], result["capacity"], name, r["achieved"],
                      100 * r["achieved"] / result["capacity"],
