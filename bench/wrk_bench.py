@@ -270,7 +270,8 @@ def report_line(label, r):
 
 
 def profile_round(shape, args, workdir, queue):
-    """One more round of the worker under cProfile (INGEST_PROFILE_FILE: the worker's profile_file setting)."""
+    """One more round of the worker under cProfile (INGEST_PROFILE_FILE: the worker's
+    profile_file setting)."""
     out = os.path.join(workdir, "worker.prof")
     worker = start_worker(workdir, queue, profile=out)
     try:
@@ -376,8 +377,8 @@ def open_loop_rounds(shape, args, workdir, queue):
         for name in ("hello", "worker"):
             r = result[name]
             print("%s open loop, round %d: paced at %.0f req/s (75%% of %.0f), %s: achieved"
-                  " %.0f (%.0f%% of capacity), p50 %.2f ms, p99 %.2f ms, %.0f%% of its core (%.0f us per"
-                  " request)%s"
+                  " %.0f (%.0f%% of capacity), p50 %.2f ms, p99 %.2f ms, %.0f%% of its core"
+                  " (%.0f us per request)%s"
                   % (shape, n + 1, result["rate"], result["capacity"], name, r["achieved"],
                      100 * r["achieved"] / result["capacity"],
                      r["p50_ms"], r["p99_ms"], 100 * r["cpu_share"],
