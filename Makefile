@@ -77,7 +77,7 @@ bench: venv-dev
 
 # The HTTP worker against the bare hello-world with wrk (docs/benchmarks.md): single GETs
 # and 50-event batches, latency in an open loop, RSS after a soak and at 1,000
-# connections, and through nginx in front of two workers. About 12 minutes.
+# connections, and through nginx in front of two workers. About 13 minutes.
 bench-http: venv-dev wrk nginx
 	$(PY) -m bench.wrk_bench --shapes single,batch50 --rounds 3 --duration 10 \
 	  --together 3 --open-loop --soak 3000000 --wide 1000 --nginx
