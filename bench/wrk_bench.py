@@ -309,18 +309,17 @@ def paced_script(script, mean_ms):
         % (2 * mean_ms))
 
 
-def delay_for(rate, port, path, script, workdir, trial=None):
+def delay_for(rate, port, path, script, workdir):
     """The mean delay, in milliseconds, that brings OPEN_LOOP_CONNECTIONS to `rate`
     requests/s against the server on `port`.  A connection waits for each answer before
     its next delay, so delays of connections / rate alone offer less than `rate` (with
     the delays above, 9,300 single GETs/s arrived where 11,142 were asked for: a 1 ms
     answer beside a 4.5 ms delay).  A trial of OPEN_LOOP_TRIAL_S at that delay measures
     each connection's whole cycle, and the delay is shortened by what the cycle took
-    beyond it (or lengthened, where wrk's timers fired early).  `trial`: run_wrk's
-    stand-in, for tests."""
+    beyond it (or lengthened, where wrk's timers fired early)."""
     mean_ms = OPEN_LOOP_CONNECTIONS * 1000.0 / rate
-    result = (trial or run_wrk)(port, path, paced_script(script, mean_ms), OPEN_LOOP_TRIAL_S,
-                                OPEN_LOOP_CONNECTIONS, workdir)
+    result = run_wrk(port, path, paced_script(script, mean_ms), OPEN_LOOP_TRIAL_S,
+                     OPEN_LOOP_CONNECTIONS, workdir)
     if not result["requests"] or result["non_2xx"] or result["socket_errors"]:
         raise SystemExit("open loop: the trial at %.0f req/s on port %d got %d answers, %d"
                          " not 2xx, socket errors %r; nothing to pace from"

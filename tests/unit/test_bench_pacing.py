@@ -30,38 +30,41 @@ def test_whole_millisecond_delays_keep_the_mean_asked_for():
         assert abs(sum(delays) / len(delays) - mean_ms) < 0.01 * mean_ms + 0.01, mean_ms
 
 
-def _trial(requests, seconds=3.0, non_2xx=0, socket_errors=""):
+def _trial(monkeypatch, requests, seconds=3.0, non_2xx=0, socket_errors=""):
+    """wrk_bench's run_wrk replaced by one that answers as a trial of `requests` in
+    `seconds` would; returns the list of what it was asked to run."""
     asked = []
 
     def run(port, path, script, duration, connections, workdir):
         asked.append((port, path, script, duration, connections))
         return {"requests": requests, "seconds": seconds, "non_2xx": non_2xx,
                 "socket_errors": socket_errors}
-    return run, asked
+    monkeypatch.setattr(wrk_bench, "run_wrk", run)
+    return asked
 
 
-def test_the_delay_is_shortened_by_what_each_cycle_took_beyond_it():
+def test_the_delay_is_shortened_by_what_each_cycle_took_beyond_it(monkeypatch):
     # 10,000 req/s over 50 connections: a 5 ms mean delay.  The trial achieved 8,000/s,
     # a 6.25 ms cycle, so 1.25 ms of each cycle was the answer: ask for 3.75 ms.
-    run, asked = _trial(24_000)
-    assert wrk_bench.delay_for(10_000, 8080, "/track", None, "/tmp", trial=run) == \
+    asked = _trial(monkeypatch, 24_000)
+    assert wrk_bench.delay_for(10_000, 8080, "/track", None, "/tmp") == \
         pytest.approx(3.75)
     (port, path, script, duration, connections), = asked
     assert (port, path, duration, connections) == (8080, "/track", 3, 50)
     assert "math.random() * 10.0000 +" in script            # the trial ran at 5 ms
 
 
-def test_timers_that_fired_early_lengthen_the_delay_and_none_goes_below_zero():
-    run, _ = _trial(33_000)       # 11,000/s achieved where 10,000 were asked for
-    assert wrk_bench.delay_for(10_000, 1, "/", None, "/tmp", trial=run) == \
+def test_timers_that_fired_early_lengthen_the_delay_and_none_goes_below_zero(monkeypatch):
+    _trial(monkeypatch, 33_000)   # 11,000/s achieved where 10,000 were asked for
+    assert wrk_bench.delay_for(10_000, 1, "/", None, "/tmp") == \
         pytest.approx(2 * 5.0 - 50_000 / 11_000.0)
-    run, _ = _trial(300)          # answers slower than the pace: no delay at all
-    assert wrk_bench.delay_for(10_000, 1, "/", None, "/tmp", trial=run) == 0.0
+    _trial(monkeypatch, 300)      # answers slower than the pace: no delay at all
+    assert wrk_bench.delay_for(10_000, 1, "/", None, "/tmp") == 0.0
 
 
 @pytest.mark.parametrize("trial", [dict(requests=0), dict(requests=900, non_2xx=3),
                                    dict(requests=900, socket_errors="connect 0, read 2")])
-def test_a_trial_that_failed_stops_the_benchmark_with_its_reason(trial):
-    run, _ = _trial(**trial)
+def test_a_trial_that_failed_stops_the_benchmark_with_its_reason(trial, monkeypatch):
+    _trial(monkeypatch, **trial)
     with pytest.raises(SystemExit, match="nothing to pace from"):
-        wrk_bench.delay_for(10_000, 1, "/", None, "/tmp", trial=run)
+        wrk_bench.delay_for(10_000, 1, "/", None, "/tmp")
